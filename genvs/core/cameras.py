@@ -1,0 +1,174 @@
+"""Pinhole cameras: rays, positional encodings, intrinsics, trajectories.
+
+Conventions (see `genvs.core.views`): OpenCV camera-to-world ``c2w`` (x right, y down, z forward),
+intrinsics ``K`` in pixels with pixel centres at ``(i + 0.5)``. Foreign conventions enter through
+exactly one function each: `opengl_to_opencv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "pixel_centers",
+    "camera_rays",
+    "posenc_nerf",
+    "ray_posenc",
+    "scale_intrinsics",
+    "intrinsics_from_fov",
+    "fov_from_intrinsics",
+    "look_at",
+    "orbit_poses",
+    "sphere_poses",
+    "ring_poses",
+    "opengl_to_opencv",
+]
+
+
+def pixel_centers(H: int, W: int, device=None, dtype=torch.float32) -> Tensor:
+    """``[H, W, 2]`` pixel-centre coordinates ``(u, v) = (x + 0.5, y + 0.5)``."""
+    v, u = torch.meshgrid(
+        torch.arange(H, device=device, dtype=dtype) + 0.5,
+        torch.arange(W, device=device, dtype=dtype) + 0.5,
+        indexing="ij",
+    )
+    return torch.stack([u, v], dim=-1)
+
+
+def camera_rays(K: Tensor, c2w: Tensor, H: int, W: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """World-space rays through every pixel centre.
+
+    K ``[..., 3, 3]``, c2w ``[..., 4, 4]`` -> origins, directions ``[..., H, W, 3]``. Directions are unit
+    length when ``normalize`` (else they have z = 1 in camera space, so ``t`` along them is z-depth).
+    """
+    K = K.float()
+    c2w = c2w.float()
+    uv = pixel_centers(H, W, device=K.device)  # [H, W, 2]
+    fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]  # [..., 1, 1]
+    cx, cy = K[..., 0, 2, None, None], K[..., 1, 2, None, None]
+    x = (uv[..., 0] - cx) / fx  # [..., H, W]
+    y = (uv[..., 1] - cy) / fy
+    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [..., H, W, 3]
+    R = c2w[..., None, None, :3, :3]  # [..., 1, 1, 3, 3]
+    dirs = (R @ d_cam[..., None]).squeeze(-1)
+    if normalize:
+        dirs = F.normalize(dirs, dim=-1)
+    origins = c2w[..., None, None, :3, 3].expand_as(dirs)
+    return origins, dirs
+
+
+def posenc_nerf(x: Tensor, min_deg: int = 0, max_deg: int = 15) -> Tensor:
+    """NeRF-style encoding as in 3DiM: ``[x, sin(2^l x), sin(2^l x + pi/2)]`` for ``l in [min_deg, max_deg)``.
+
+    ``[..., D]`` -> ``[..., D + 2 D (max_deg - min_deg)]``. Frequencies are ``2^l`` (no factor pi), as in
+    the 3DiM appendix code, so unit-scale scenes are resolved by the low octaves.
+    """
+    if min_deg == max_deg:
+        return x
+    scales = 2.0 ** torch.arange(min_deg, max_deg, device=x.device, dtype=x.dtype)  # [L]
+    xb = (x[..., None, :] * scales[:, None]).flatten(-2)  # [..., L * D]
+    emb = torch.sin(torch.cat([xb, xb + math.pi / 2], dim=-1))
+    return torch.cat([x, emb], dim=-1)
+
+
+def ray_posenc(K: Tensor, c2w: Tensor, H: int, W: int, origin_octaves: int = 15, dir_octaves: int = 8) -> Tensor:
+    """Per-pixel ray encoding of 3DiM: ``[..., H, W, 144]`` for the default octaves (93 origin + 51 direction)."""
+    o, d = camera_rays(K, c2w, H, W)
+    return torch.cat([posenc_nerf(o, 0, origin_octaves), posenc_nerf(d, 0, dir_octaves)], dim=-1)
+
+
+def ray_posenc_channels(origin_octaves: int = 15, dir_octaves: int = 8) -> int:
+    return 3 * (1 + 2 * origin_octaves) + 3 * (1 + 2 * dir_octaves)
+
+
+def scale_intrinsics(K: Tensor, sx: float, sy: float) -> Tensor:
+    """Intrinsics of an image resized by ``(sx, sy)`` (continuous pixel coordinates scale exactly)."""
+    S = torch.tensor([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], dtype=K.dtype, device=K.device)
+    return S @ K
+
+
+def intrinsics_from_fov(fov_deg: float, H: int, W: int | None = None) -> Tensor:
+    """``[3, 3]`` intrinsics with horizontal field of view ``fov_deg`` and the principal point centred."""
+    W = H if W is None else W
+    f = 0.5 * W / math.tan(math.radians(fov_deg) / 2)
+    return torch.tensor([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]], dtype=torch.float32)
+
+
+def fov_from_intrinsics(K: Tensor, W: int) -> Tensor:
+    """Horizontal field of view in degrees."""
+    return torch.rad2deg(2 * torch.atan(0.5 * W / K[..., 0, 0]))
+
+
+def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    """OpenCV camera-to-world ``[..., 4, 4]`` of cameras at ``eye [..., 3]`` looking at ``target``.
+
+    ``up`` is the world up vector (default +z); the camera's y axis points down, against it.
+    """
+    target = torch.zeros_like(eye) if target is None else target.expand_as(eye)
+    up = eye.new_tensor([0.0, 0.0, 1.0]) if up is None else up
+    up = up.expand_as(eye)
+    z = F.normalize(target - eye, dim=-1)  # forward
+    x = torch.cross(z, up, dim=-1)
+    # Cameras looking straight along `up` have no defined roll: pick any perpendicular x axis.
+    degenerate = x.norm(dim=-1, keepdim=True) < 1e-6
+    alt = torch.cross(z, torch.roll(up, 1, dims=-1), dim=-1)
+    x = F.normalize(torch.where(degenerate, alt, x), dim=-1)
+    y = torch.cross(z, x, dim=-1)  # down
+    c2w = torch.zeros(*eye.shape[:-1], 4, 4, dtype=eye.dtype, device=eye.device)
+    c2w[..., :3, 0], c2w[..., :3, 1], c2w[..., :3, 2], c2w[..., :3, 3] = x, y, z, eye
+    c2w[..., 3, 3] = 1
+    return c2w
+
+
+def _spherical(radius: Tensor, azimuth: Tensor, elevation: Tensor) -> Tensor:
+    """Points on a sphere (z up): azimuth around z from +x, elevation above the xy plane (radians)."""
+    ce = torch.cos(elevation)
+    return torch.stack(
+        [radius * ce * torch.cos(azimuth), radius * ce * torch.sin(azimuth), radius * torch.sin(elevation)], dim=-1
+    )
+
+
+def orbit_poses(
+    n: int, radius: float = 1.3, elevation_deg: float = 20.0, start_azimuth_deg: float = 0.0, center=(0.0, 0.0, 0.0)
+) -> Tensor:
+    """``[n, 4, 4]`` cameras on a horizontal circle looking at ``center`` (a turntable orbit)."""
+    az = torch.deg2rad(torch.tensor(start_azimuth_deg)) + torch.arange(n) * (2 * math.pi / n)
+    el = torch.full((n,), math.radians(elevation_deg))
+    c = torch.tensor(center, dtype=torch.float32)
+    eye = _spherical(torch.full((n,), radius), az, el) + c
+    return look_at(eye, c)
+
+
+def sphere_poses(
+    n: int,
+    radius: float = 1.3,
+    generator: torch.Generator | None = None,
+    upper_hemisphere: bool = True,
+    min_elevation_deg: float = 0.0,
+) -> Tensor:
+    """``[n, 4, 4]`` cameras uniformly distributed on a sphere (or its upper part) looking at the origin."""
+    u = torch.rand(n, generator=generator)
+    az = torch.rand(n, generator=generator) * 2 * math.pi
+    lo = math.sin(math.radians(min_elevation_deg)) if upper_hemisphere else -1.0
+    sin_el = lo + (1 - lo) * u  # uniform in sin(elevation) = uniform area on the sphere
+    el = torch.asin(sin_el.clamp(-1 + 1e-6, 1 - 1e-6))
+    return look_at(_spherical(torch.full((n,), radius), az, el))
+
+
+def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, position=(0.0, 0.0, 0.0)) -> Tensor:
+    """``[n, 4, 4]`` cameras at one point, rotating in yaw by ``yaw_step_deg`` (panorama rings)."""
+    yaw = torch.deg2rad(torch.arange(n) * yaw_step_deg)
+    pitch = torch.full((n,), math.radians(pitch_deg))
+    eye = torch.tensor(position, dtype=torch.float32).expand(n, 3)
+    target = eye + _spherical(torch.ones(n), yaw, pitch)
+    return look_at(eye, target)
+
+
+def opengl_to_opencv(c2w: Tensor) -> Tensor:
+    """Camera-to-world from OpenGL/Blender (y up, z backward) to OpenCV (y down, z forward)."""
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
+    return c2w @ flip
