@@ -50,3 +50,18 @@ def test_resize_rescales_intrinsics_and_masks():
     assert cams.images is None and (cams.H, cams.W) == (8, 12)
     assert cams.resize((4, 6)).K[0, 0, 0, 0] == pytest.approx(float(v.K[0, 0, 0, 0]) * 0.5)
     assert cams.resize((4, 6)).size == (4, 6)
+
+
+def test_labels_and_prompts_follow_views():
+    v = make(B=2, V=3, labels=torch.tensor([3, -1]), prompts=[["a0", "a1", "a2"], ["b0", "b1", "b2"]])
+    sub = v.select([2, 0])
+    assert sub.prompts == [["a2", "a0"], ["b2", "b0"]] and torch.equal(sub.labels, v.labels)
+    assert v.select(torch.tensor([[1], [2]])).prompts == [["a1"], ["b2"]]
+    ctx, tgt = v.split(1)
+    assert Views.cat([ctx, tgt], dim=1).prompts == v.prompts
+    both = Views.collate([v, v])
+    assert both.labels.tolist() == [3, -1, 3, -1] and len(both.prompts) == 4
+    with pytest.raises(ViewsError, match="one prompt per view"):
+        make(B=2, V=3, prompts=[["x"], ["y"]])
+    with pytest.raises(ViewsError, match="labels must be"):
+        make(B=2, V=3, labels=torch.tensor([1]))
