@@ -344,6 +344,9 @@ def test_feature_networks_stay_out_of_state_dict_and_follow_config(torch_home):
 def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
+    # forked child: the parent's OpenMP thread pool does not exist here; one thread avoids entering it
+    # (as torch's DataLoader does in its forked workers)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         t, p, fr, ff = _ddp_data()
