@@ -276,12 +276,14 @@ def consistency_score(
     start = time.perf_counter()
     device = images.device
     threads = torch.get_num_threads()
-    if cfg.num_threads is not None and device.type == "cpu":
+    change = cfg.num_threads is not None and device.type == "cpu" and cfg.num_threads != threads
+    if change:
         torch.set_num_threads(cfg.num_threads)
     try:
         return _fit(images, K, c2w, held, train, cfg, start, return_renders)
     finally:
-        torch.set_num_threads(threads)
+        if change:
+            torch.set_num_threads(threads)
 
 
 def _fit(
