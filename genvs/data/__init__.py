@@ -1,6 +1,7 @@
 """Datasets and datamodules."""
 
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
+from genvs.data.single import ImageOrbitDataModule
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import ToyConfig, generate_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
@@ -9,6 +10,7 @@ __all__ = [
     "NVSDataModule",
     "SRNDataModule",
     "ToyDataModule",
+    "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
     "ToyConfig",
