@@ -59,3 +59,35 @@ def pixels_to_grid(uv: Tensor, H: int, W: int) -> Tensor:
     """Pixel coordinates -> ``grid_sample`` coordinates in [-1, 1] (``align_corners=False``)."""
     scale = torch.tensor([2.0 / W, 2.0 / H], device=uv.device, dtype=uv.dtype)
     return uv * scale - 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Homographies
+#
+# Two pinhole cameras that share a centre (a panorama ring, a cubemap) see the same ray at pixels
+# related by a 3x3 homography. Pixel coordinates follow the module's convention (pixel centres at
+# ``i + 0.5``, ``K`` in pixels of the tensor it describes).
+# ------------------------------------------------------------------------------------------------
+
+__all__ += ["rotation_homography", "apply_homography"]
+
+
+def rotation_homography(K_src: Tensor, c2w_src: Tensor, K_dst: Tensor, c2w_dst: Tensor) -> Tensor:
+    """Homography ``[..., 3, 3]`` mapping pixels of a source camera to a destination camera with the
+    same centre: ``H = K_dst R_dst^T R_src K_src^-1`` (rotations of the OpenCV ``c2w``; translations are
+    ignored, which is exact only when the centres coincide)."""
+    R_rel = c2w_dst[..., :3, :3].transpose(-1, -2) @ c2w_src[..., :3, :3]  # src camera -> dst camera
+    return K_dst @ R_rel @ torch.linalg.inv(K_src.float()).to(K_src.dtype)
+
+
+def apply_homography(H: Tensor, uv: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Map pixels ``uv [..., N, 2]`` by ``H [..., 3, 3]``.
+
+    Returns the mapped pixels ``[..., N, 2]`` and the homogeneous scale ``w [..., N]``; ``w <= 0`` means
+    the ray points away from the destination camera (the mapped pixel is meaningless there).
+    """
+    uv1 = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1)  # [..., N, 3]
+    p = uv1 @ H.transpose(-1, -2)
+    w = p[..., 2]
+    safe = torch.where(w.abs() < eps, torch.full_like(w, eps), w)
+    return p[..., :2] / safe.unsqueeze(-1), w
