@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, ring_poses
+from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at
 from genvs.core.geometry import apply_homography, project_points, rotation_homography, unproject_depth
 from genvs.core.samplers import Sampler
 from genvs.methods.mvdiffusion.caa import CorrespondenceAttention, load_adapter, save_adapter
 from genvs.methods.mvdiffusion.correspondences import (
-    LevelCorrespondence,
     depth_correspondences,
     homography_correspondences,
     overlap_neighbors,
@@ -50,7 +49,6 @@ from genvs.methods.mvdiffusion.sd import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: extra threads only add contention on a shared 2-core machine."""
@@ -63,7 +61,10 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def sd_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    return {k: build_tiny_sd(root / k, kind=k, text_encoder=False, seed=i) for i, k in enumerate(["base", "inpainting", "depth"])}
+    return {
+        k: build_tiny_sd(root / k, kind=k, text_encoder=False, seed=i)
+        for i, k in enumerate(["base", "inpainting", "depth"])
+    }
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,9 @@ def test_depth_correspondences_match_explicit_projection():
         for jj, j in enumerate(lvl.src[0, i].tolist()):
             uv, _ = project_points(X[i].reshape(-1, 3), Kl[0, j], c2w[0, j])
             m = lvl.mask[0, i, jj, 0].reshape(-1)
-            torch.testing.assert_close(((lvl.grid[0, i, jj, 0].reshape(-1, 2) + 1) / 2 * 8)[m], uv[m], atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(
+                ((lvl.grid[0, i, jj, 0].reshape(-1, 2) + 1) / 2 * 8)[m], uv[m], atol=1e-4, rtol=1e-5
+            )
             # a plane occludes nothing: the depth ratio is ~0 up to nearest-pixel depth lookup
             assert lvl.pe[0, i, jj, 0].reshape(-1)[m].abs().max() < 0.05
     # a source surface closer than the query point (occluder) gives a positive encoding
@@ -213,7 +216,9 @@ def test_depth_correspondences_match_explicit_projection():
     near[:, 1] *= 0.5
     lvl2 = depth_correspondences(K, c2w, near, [(8, 8)])[(8, 8)]
     m = lvl2.mask[0, 0, 0, 0]  # view 0 reading view 1
-    assert m.any() and torch.allclose(lvl2.pe[0, 0, 0, 0][m], torch.full_like(lvl2.pe[0, 0, 0, 0][m], math.log(2)), atol=0.05)
+    assert m.any() and torch.allclose(
+        lvl2.pe[0, 0, 0, 0][m], torch.full_like(lvl2.pe[0, 0, 0, 0][m], math.log(2)), atol=0.05
+    )
 
 
 def test_overlap_neighbors_filter_and_fallback():
@@ -256,6 +261,49 @@ def test_caa_gathers_bilinear_keys_and_mixes_only_neighbours():
     x2[3] += 1.0
     changed = (caa(x2, lvl, V) - y0_).flatten(1).abs().amax(1) > 1e-6
     assert changed.tolist() == [False, False, True, True, True, False]
+
+
+def test_caa_attention_matches_manual_softmax_and_checkpointing():
+    torch.manual_seed(1)
+    B, V, C, h = 1, 4, 64, 4
+    K, c2w = ring(B, V, 32, fov=100.0)
+    lvl = homography_correspondences(K, c2w, (32, 32), [(h, h)])[(h, h)]
+    caa = CorrespondenceAttention(C, head_dim=32, checkpoint=False)
+    for p in caa.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(B * V, C, h, h, requires_grad=True)
+    out = caa(x, lvl, V)
+    # one pixel by hand: masked keys take no part in the softmax; 2 heads of 32
+    v, py, px = 1, 2, 0
+    keys = caa.gather_keys(x.unflatten(0, (B, V)), lvl)[0, v, py, px]  # [18, C]
+    pe = lvl.pe[0, v, :, :, py, px].reshape(-1, 2)
+    m = lvl.mask[0, v, :, :, py, px].reshape(-1)
+    assert 0 < m.sum() < 18
+    xq = x[v, :, py, px]
+    q = caa.to_q(caa.norm1(xq + caa._encode(torch.zeros(1, 2))[0]))
+    kv = caa.norm1(keys[m] + caa._encode(pe[m]))
+    k, val = caa.to_k(kv), caa.to_v(kv)
+    heads = []
+    for hd in range(2):
+        sl = slice(32 * hd, 32 * (hd + 1))
+        a = torch.softmax(k[:, sl] @ q[sl] / math.sqrt(32), dim=0)
+        heads.append(a @ val[:, sl])
+    y = xq + caa.to_out(torch.cat(heads))
+    y = y + caa.ff(caa.norm2(y))
+    torch.testing.assert_close(out[v, :, py, px], y, atol=1e-5, rtol=1e-4)
+    # activation checkpointing changes memory, not values or gradients
+    out.square().sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in caa.named_parameters()}
+    gx = x.grad.clone()
+    caa.zero_grad()
+    x.grad = None
+    caa.checkpoint = True
+    out2 = caa(x, lvl, V)
+    out2.square().sum().backward()
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(x.grad, gx)
+    for n, p in caa.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], msg=n)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -311,7 +359,9 @@ def test_frozen_parts_get_no_grad_and_caa_learns(base_sd):
     opt = torch.optim.Adam(net.trainable_parameters(), lr=3e-3)
     losses = []
     for step in range(6):
-        loss = training_loss(net, schedule, lat, emb, corr, prediction=pred, generator=torch.Generator().manual_seed(3)).mean()
+        loss = training_loss(
+            net, schedule, lat, emb, corr, prediction=pred, generator=torch.Generator().manual_seed(3)
+        ).mean()
         opt.zero_grad()
         loss.backward()
         if step == 0:
@@ -392,7 +442,9 @@ def test_inpainting_unet_and_cfg_sampling(sd_dirs):
     z = sample_latents(net, sampler, schedule, emb, null, corr, (8, 8), extra=extra, generator=g())
     assert z.shape == (B, V, 4, 8, 8) and torch.isfinite(z).all()
     # guidance 1 (one pass, no unconditional branch) differs from guidance 9 on the same noise
-    z1 = sample_latents(net, sampler.replace(guidance_scale=1.0), schedule, emb, None, corr, (8, 8), extra=extra, generator=g())
+    z1 = sample_latents(
+        net, sampler.replace(guidance_scale=1.0), schedule, emb, None, corr, (8, 8), extra=extra, generator=g()
+    )
     assert not torch.allclose(z, z1)
     with pytest.raises(ValueError, match="uncond_emb"):
         sample_latents(net, sampler, schedule, emb, None, corr, (8, 8), extra=extra)
@@ -418,7 +470,9 @@ def test_keyframe_segments_cover_all_pairs():
 
 def _pano_fn(d: torch.Tensor) -> torch.Tensor:
     """A smooth colour function of direction (3 channels)."""
-    return torch.stack([d[..., 0] * d[..., 1] * 2, torch.cos(3 * d[..., 1]) * d[..., 2], d[..., 2] + 0.3 * d[..., 0]], 0)
+    return torch.stack(
+        [d[..., 0] * d[..., 1] * 2, torch.cos(3 * d[..., 1]) * d[..., 2], d[..., 2] + 0.3 * d[..., 0]], 0
+    )
 
 
 def test_equirect_views_roundtrip_inside_latitude_band():
@@ -439,7 +493,9 @@ def test_equirect_views_roundtrip_inside_latitude_band():
     # view 2 (yaw 90 deg) is centred at longitude -90: equirect column W/4
     _, ray_c = camera_rays(K[2], c2w[2], 64, 64)
     centre = ray_c[31:33, 31:33].mean((0, 1))
-    torch.testing.assert_close(centre, d[He // 2 - 1 : He // 2 + 1, We // 4 - 1 : We // 4 + 1].mean((0, 1)), atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        centre, d[He // 2 - 1 : He // 2 + 1, We // 4 - 1 : We // 4 + 1].mean((0, 1)), atol=0.03, rtol=0
+    )
 
 
 def test_cubemap_stitches_the_full_sphere():

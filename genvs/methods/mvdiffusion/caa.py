@@ -99,7 +99,8 @@ class CorrespondenceAttention(nn.Module):
         ff_mult: feed-forward expansion (GEGLU).
         resnet: append a zero-initialised residual conv block (the official depth model does).
         pe_octaves: ``(min_log2, max_log2)`` of `fourier_encoding`.
-        checkpoint: recompute activations in backward (saves memory at 64x64 with 18 keys).
+        checkpoint: recompute the block in backward, keeping only its input feature map (the official
+            code checkpoints its CAA blocks too; the ``[N, 18, C]`` keys dominate memory at 64x64).
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class CorrespondenceAttention(nn.Module):
         ff_mult: int = 4,
         resnet: bool = False,
         pe_octaves: tuple[float, float] = (-3.0, 3.0),
-        checkpoint: bool = False,
+        checkpoint: bool = True,
     ):
         super().__init__()
         if dim % head_dim:
@@ -166,6 +167,18 @@ class CorrespondenceAttention(nn.Module):
         x = x + self.to_out(out)
         return x + self.ff(self.norm2(x))
 
+    def _mix(self, x5: Tensor, src: Tensor, grid: Tensor, pe: Tensor, mask: Tensor) -> Tensor:
+        """``x5 [B, V, C, h, w]`` -> updated tokens ``[B V h w, C]`` (gather keys, attend, feed-forward)."""
+        B, V, C, h, w = x5.shape
+        corr = LevelCorrespondence(src, grid, pe, mask)
+        tokens = x5.permute(0, 1, 3, 4, 2).reshape(-1, C)  # [N, C]
+        N = tokens.shape[0]
+        keys = self.gather_keys(x5, corr).reshape(N, -1, C)  # [N, L, C]
+        L = keys.shape[1]
+        pe = pe.permute(0, 1, 4, 5, 2, 3, 6).reshape(N, L, -1)
+        mask = mask.permute(0, 1, 4, 5, 2, 3).reshape(N, L)
+        return self._attend(tokens, keys, pe, mask)
+
     def forward(self, x: Tensor, corr: LevelCorrespondence, num_views: int) -> Tensor:
         """``x [B V, C, h, w]`` -> same shape."""
         BV, C, h, w = x.shape
@@ -175,14 +188,12 @@ class CorrespondenceAttention(nn.Module):
             raise ValueError(f"correspondences of size {corr.size} given for features of size {(h, w)}")
         corr = corr.for_batch(B)
         x5 = x.unflatten(0, (B, V))
-        tokens = x5.permute(0, 1, 3, 4, 2).reshape(-1, C)  # [N, C]
-        keys = self.gather_keys(x5, corr).reshape(tokens.shape[0], -1, C)
-        pe = corr.pe.permute(0, 1, 4, 5, 2, 3, 6).reshape(tokens.shape[0], keys.shape[1], -1)
-        mask = corr.mask.permute(0, 1, 4, 5, 2, 3).reshape(tokens.shape[0], keys.shape[1])
+        args = (x5, corr.src, corr.grid, corr.pe, corr.mask)
         if self.checkpoint and torch.is_grad_enabled():
-            out = torch_checkpoint(self._attend, tokens, keys, pe, mask, use_reentrant=False)
+            # only the feature map is kept for backward; the [N, L, C] keys are recomputed
+            out = torch_checkpoint(self._mix, *args, use_reentrant=False)
         else:
-            out = self._attend(tokens, keys, pe, mask)
+            out = self._mix(*args)
         out = out.reshape(B * V, h, w, C).permute(0, 3, 1, 2)
         # keep the input's memory format: the UNet's convolutions then run the same kernels as without
         # CAA, which keeps the zero-initialised model bit-identical to the base UNet
@@ -258,7 +269,7 @@ class CAAAdapter(nn.Module):
         variant: Literal["panorama", "depth"] = "panorama",
         head_dim: int = 32,
         condition_channels: int = 0,
-        checkpoint: bool = False,
+        checkpoint: bool = True,
         pe_octaves: tuple[float, float] | None = None,
     ):
         super().__init__()
@@ -283,7 +294,9 @@ class CAAAdapter(nn.Module):
         self.condition: ConditionEncoder | None = None
         if condition_channels:
             down_in = [b.resnets[0].in_channels for b in unet.down_blocks]
-            up_in = [unet.mid_block.resnets[-1].out_channels] + [b.resnets[-1].out_channels for b in unet.up_blocks][:-1]
+            up_in = [unet.mid_block.resnets[-1].out_channels] + [b.resnets[-1].out_channels for b in unet.up_blocks][
+                :-1
+            ]
             self.condition = ConditionEncoder(
                 condition_channels, unet.conv_in.out_channels, down_in, unet.mid_block.resnets[0].in_channels, up_in
             )
@@ -295,23 +308,33 @@ class CAAAdapter(nn.Module):
     def _attach(self, unet: nn.Module) -> None:
         for i, blk in enumerate(unet.down_blocks):
             if blk.downsamplers is not None:
-                h = blk.downsamplers[0].register_forward_pre_hook(functools.partial(self._pre_hook, "down", i), with_kwargs=True)
+                h = blk.downsamplers[0].register_forward_pre_hook(
+                    functools.partial(self._pre_hook, "down", i), with_kwargs=True
+                )
             else:
                 h = blk.register_forward_hook(functools.partial(self._post_hook, "down", i))
             self._handles.append(h)
         self._handles.append(unet.mid_block.register_forward_hook(functools.partial(self._post_hook, "mid", 0)))
         for i, blk in enumerate(unet.up_blocks):
             if blk.upsamplers is not None:
-                h = blk.upsamplers[0].register_forward_pre_hook(functools.partial(self._pre_hook, "up", i), with_kwargs=True)
+                h = blk.upsamplers[0].register_forward_pre_hook(
+                    functools.partial(self._pre_hook, "up", i), with_kwargs=True
+                )
             else:
                 h = blk.register_forward_hook(functools.partial(self._post_hook, "up", i))
             self._handles.append(h)
         if self.condition is not None:
             for i, blk in enumerate(unet.down_blocks):
-                self._handles.append(blk.register_forward_pre_hook(functools.partial(self._cond_hook, "down", i), with_kwargs=True))
-            self._handles.append(unet.mid_block.register_forward_pre_hook(functools.partial(self._cond_hook, "mid", 0), with_kwargs=True))
+                self._handles.append(
+                    blk.register_forward_pre_hook(functools.partial(self._cond_hook, "down", i), with_kwargs=True)
+                )
+            self._handles.append(
+                unet.mid_block.register_forward_pre_hook(functools.partial(self._cond_hook, "mid", 0), with_kwargs=True)
+            )
             for i, blk in enumerate(unet.up_blocks):
-                self._handles.append(blk.register_forward_pre_hook(functools.partial(self._cond_hook, "up", i), with_kwargs=True))
+                self._handles.append(
+                    blk.register_forward_pre_hook(functools.partial(self._cond_hook, "up", i), with_kwargs=True)
+                )
 
     def detach_hooks(self) -> None:
         for h in self._handles:

@@ -106,9 +106,7 @@ class Correspondences:
     def select(self, idx: Tensor | Sequence[int]) -> "Correspondences":
         """Samples ``idx`` of the batch."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Correspondences(
-            {k: v._map(lambda t: t[idx.to(t.device)]) for k, v in self.levels.items()}, self.kind
-        )
+        return Correspondences({k: v._map(lambda t: t[idx.to(t.device)]) for k, v in self.levels.items()}, self.kind)
 
 
 def ring_neighbors(num_views: int, hops: int = 1, device=None) -> Tensor:
@@ -242,7 +240,7 @@ def overlap_neighbors(overlap: Tensor, threshold: float = 0.3) -> tuple[Tensor, 
     eye = torch.eye(V, dtype=torch.bool, device=device)
     ok = (sym > threshold) & ~eye
     i = torch.arange(V, device=device)
-    seq = ((i[:, None] - i[None, :]).abs() == 1)  # [V, V] sequence neighbours
+    seq = (i[:, None] - i[None, :]).abs() == 1  # [V, V] sequence neighbours
     none = ~ok.any(-1, keepdim=True)  # [B, V, 1]
     ok = torch.where(none, seq.expand(B, V, V), ok)
     others = torch.stack([torch.cat([i[:v], i[v + 1 :]]) for v in range(V)]) if V > 1 else i[:, None][:, :0]
@@ -305,7 +303,7 @@ def depth_correspondences(
         ).reshape(B, V, J, S, h * w)
         inside = (t_star[..., 0] > 0) & (t_star[..., 0] < w) & (t_star[..., 1] > 0) & (t_star[..., 1] < h)
         zq = z[:, :, :, None].expand_as(d_s)
-        valid_q = (d_q.reshape(B, V, 1, 1, h * w) > 0)
+        valid_q = d_q.reshape(B, V, 1, 1, h * w) > 0
         mask = inside & (zq > 1e-6) & (d_s > 0) & valid_q & pair_ok[..., None, None]
         ratio = torch.log(zq.clamp_min(1e-6) / d_s.clamp_min(1e-6))
         shape = (B, V, J, S, h, w)

@@ -46,7 +46,7 @@ class MultiViewUNet(nn.Module):
             survives ``.train()``). Its graph stays differentiable so the adapter gets gradients.
         variant: ``"panorama"`` or ``"depth"`` (see `CAAAdapter`).
         condition_channels: 5 for the depth model's interpolation stage (key-frame latents + mask), else 0.
-        checkpoint: activation checkpointing inside the CAA blocks.
+        checkpoint: activation checkpointing of the CAA blocks (as the official code).
     """
 
     def __init__(
@@ -55,7 +55,7 @@ class MultiViewUNet(nn.Module):
         variant: Literal["panorama", "depth"] = "panorama",
         head_dim: int = 32,
         condition_channels: int = 0,
-        checkpoint: bool = False,
+        checkpoint: bool = True,
         pe_octaves: tuple[float, float] | None = None,
     ):
         super().__init__()
@@ -121,7 +121,10 @@ class MultiViewUNet(nn.Module):
         B, V, _, h, w = latents.shape
         x = latents if extra is None else torch.cat([latents, extra.to(latents.dtype)], dim=2)
         if x.shape[2] != self.in_channels:
-            hint = {9: "an inpainting UNet: pass extra=inpaint_channels(...)", 5: "a depth UNet: pass extra=depth_channel(...)"}
+            hint = {
+                9: "an inpainting UNet: pass extra=inpaint_channels(...)",
+                5: "a depth UNet: pass extra=depth_channel(...)",
+            }
             raise ValueError(
                 f"the UNet takes {self.in_channels} input channels but got {x.shape[2]} "
                 f"(latents {latents.shape[2]} + extra {0 if extra is None else extra.shape[2]}); "

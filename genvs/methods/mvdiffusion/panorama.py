@@ -57,7 +57,9 @@ def panorama_cameras(
     c2w = ring_poses(num_views, yaw_step_deg=step)
     if yaw0_deg:
         a = math.radians(yaw0_deg)
-        Rz = torch.tensor([[math.cos(a), -math.sin(a), 0, 0], [math.sin(a), math.cos(a), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        Rz = torch.tensor(
+            [[math.cos(a), -math.sin(a), 0, 0], [math.sin(a), math.cos(a), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+        )
         c2w = Rz @ c2w
     K = intrinsics_from_fov(fov_deg, size).expand(num_views, 3, 3).clone()
     return K, c2w
@@ -121,7 +123,9 @@ def perspective_to_equirect(
     uv, z = project_points(d.expand(B, V, He * We, 3), K.float(), c2w_rot)  # [B, V, N, 2], [B, V, N]
     inside = (z > 1e-6) & (uv[..., 0] >= 0) & (uv[..., 0] <= W) & (uv[..., 1] >= 0) & (uv[..., 1] <= H)
     if blend == "feather":
-        border = torch.minimum(torch.minimum(uv[..., 0], W - uv[..., 0]) / W, torch.minimum(uv[..., 1], H - uv[..., 1]) / H)
+        border = torch.minimum(
+            torch.minimum(uv[..., 0], W - uv[..., 0]) / W, torch.minimum(uv[..., 1], H - uv[..., 1]) / H
+        )
         wgt = torch.where(inside, border.clamp_min(1e-4), torch.zeros_like(border))
     elif blend == "nearest":
         cos = z / 1.0  # direction . optical axis (unit directions)
@@ -131,7 +135,9 @@ def perspective_to_equirect(
     else:
         raise ValueError(f"blend={blend!r}: use 'feather' or 'nearest'")
     grid = pixels_to_grid(uv, H, W).to(images.dtype).reshape(B * V, He, We, 2)
-    samp = F.grid_sample(images.reshape(B * V, C, H, W), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    samp = F.grid_sample(
+        images.reshape(B * V, C, H, W), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     samp = samp.reshape(B, V, C, He * We)
     total = wgt.sum(dim=1)  # [B, N]
     pano = (samp * wgt[:, :, None].to(samp.dtype)).sum(dim=1) / total.clamp_min(1e-8)[:, None].to(samp.dtype)

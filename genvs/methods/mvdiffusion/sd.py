@@ -154,8 +154,9 @@ class PromptEncoder(_FrozenModule):
         root = check_sd_folder(path, ("text_encoder", "tokenizer"))
         transformers = _require_transformers()
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        text_encoder = transformers.CLIPTextModel.from_pretrained(str(root / "text_encoder"), **kwargs)
+        text_encoder = transformers.CLIPTextModel.from_pretrained(str(root / "text_encoder"))
+        if torch_dtype is not None:  # (the dtype keyword of from_pretrained changed name across versions)
+            text_encoder = text_encoder.to(torch_dtype)
         return cls(text_encoder, tokenizer)
 
 
@@ -269,7 +270,9 @@ def vae_scale_factor(vae: nn.Module) -> int:
 
 
 @torch.no_grad()
-def encode_images(vae: nn.Module, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+def encode_images(
+    vae: nn.Module, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
+) -> Tensor:
     """``[B, V, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, V, 4, H/f, W/f]`` (no gradients)."""
     B, V = images.shape[:2]
     dist = vae.encode(images.flatten(0, 1).to(vae.dtype)).latent_dist
