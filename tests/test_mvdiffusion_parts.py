@@ -30,7 +30,7 @@ from genvs.methods.mvdiffusion.network import (
     sd_schedule,
     training_loss,
 )
-from genvs.methods.mvdiffusion.panorama import (
+from genvs.core.geometry import (
     cube_cameras,
     equirect_directions,
     equirect_to_perspective,
@@ -39,6 +39,7 @@ from genvs.methods.mvdiffusion.panorama import (
 )
 from genvs.methods.mvdiffusion.sd import (
     PromptEmbeddings,
+    PromptEncoder,
     StableDiffusionError,
     build_tiny_sd,
     check_sd_folder,
@@ -47,15 +48,6 @@ from genvs.methods.mvdiffusion.sd import (
     load_stable_diffusion,
     vae_scale_factor,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +95,6 @@ def test_tiny_sd_loads_through_real_path(base_sd, sd_dirs):
 
 
 def test_clip_text_encoder_loads(tmp_path):
-    pytest.importorskip("transformers")
     path = build_tiny_sd(tmp_path / "sd", text_encoder=True)
     parts = load_stable_diffusion(path)
     enc = parts.text_encoder
@@ -112,6 +103,28 @@ def test_clip_text_encoder_loads(tmp_path):
     enc.train()
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     assert not torch.allclose(emb[0], emb[1])
+
+
+def test_clip_without_transformers_names_the_extra(monkeypatch, tmp_path, sd_dirs):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"genvs\[mvdiffusion\]"):
+        build_tiny_sd(tmp_path / "sd", text_encoder=True)
+    with pytest.raises(ImportError, match="PromptEmbeddings"):
+        PromptEncoder.from_pretrained(_with_text_files(tmp_path / "sd2", sd_dirs["base"]))
+
+
+def _with_text_files(dst, src):
+    """A copy of a tiny SD folder plus placeholder text-encoder/tokenizer files (for the import check)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for sub, files in {"text_encoder": ["config.json", "model.safetensors"], "tokenizer": ["vocab.json", "merges.txt"]}.items():
+        (dst / sub).mkdir()
+        for f in files:
+            (dst / sub / f).write_text("{}")
+    return dst
 
 
 def test_missing_sd_files_name_the_fix(tmp_path, sd_dirs):

@@ -33,6 +33,7 @@ __all__ = [
     "LevelCorrespondence",
     "Correspondences",
     "ring_neighbors",
+    "axis_neighbors",
     "neighborhood_offsets",
     "homography_correspondences",
     "pair_overlap",
@@ -114,6 +115,19 @@ def ring_neighbors(num_views: int, hops: int = 1, device=None) -> Tensor:
     i = torch.arange(num_views, device=device)[:, None]
     d = torch.cat([torch.arange(-hops, 0), torch.arange(1, hops + 1)]).to(i.device)
     return (i + d) % num_views
+
+
+def axis_neighbors(c2w: Tensor, num: int = 2) -> Tensor:
+    """``[B, V, num]`` for every view the ``num`` other views whose optical axes are closest to its own
+    (sorted by view index). For the 8-view panorama ring these are its two ring neighbours ``i +- 1``,
+    whatever order the views come in."""
+    B, V = c2w.shape[:2]
+    if not 0 < num < V:
+        raise ValueError(f"axis_neighbors: num={num} must lie in [1, V-1={V - 1}]")
+    z = c2w[..., :3, 2].float()  # optical axes [B, V, 3]
+    cos = z @ z.transpose(1, 2)
+    cos = cos - 3.0 * torch.eye(V, device=c2w.device)  # never oneself
+    return cos.topk(num, dim=-1).indices.sort(dim=-1).values
 
 
 def neighborhood_offsets(kernel_size: int, device=None) -> Tensor:

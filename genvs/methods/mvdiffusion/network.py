@@ -35,6 +35,7 @@ __all__ = [
     "keyframe_segments",
     "training_loss",
     "sample_latents",
+    "SD_DDIM",
 ]
 
 
@@ -202,6 +203,9 @@ def keyframe_segments(key: Sequence[bool] | Tensor) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------- train / sample
 
 
+SD_DDIM = dict(timestep_spacing="leading", steps_offset=1, clip_sample=False)  # SD-2's DDIM settings
+
+
 def sd_schedule(scheduler_config: dict | None = None) -> tuple[NoiseSchedule, str]:
     """The noise schedule and parameterisation of an SD checkpoint (from its ``scheduler_config.json``;
     default SD-2-base: scaled-linear 0.00085..0.012, eps)."""
@@ -215,8 +219,9 @@ def sd_schedule(scheduler_config: dict | None = None) -> tuple[NoiseSchedule, st
 
 
 def default_sampler(num_steps: int = 50, guidance_scale: float = 9.0) -> Sampler:
-    """DDIM 50 steps with CFG 9.0 on SD's "leading" timestep spacing, as in the paper."""
-    return Sampler(DDIMScheduler(timestep_spacing="leading", steps_offset=1), num_steps, guidance_scale)
+    """DDIM 50 steps with CFG 9.0 on SD's "leading" timestep spacing, as in the paper (no x0 clipping:
+    SD latents are not bounded by [-1, 1], unlike diffusers' DDIM default ``clip_sample=True``)."""
+    return Sampler(DDIMScheduler(**SD_DDIM), num_steps, guidance_scale)
 
 
 def _randn(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -121,6 +121,10 @@ def _require_transformers():
 class _FrozenModule(nn.Module):
     """Base for wrappers of frozen modules: ``.train()`` never takes them out of eval mode."""
 
+    def __init__(self):
+        super().__init__()
+        self.training = False
+
     def train(self, mode: bool = True) -> "_FrozenModule":
         return super().train(False)
 
@@ -315,7 +319,7 @@ def _write_tiny_tokenizer(folder: Path) -> int:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     config = {
-        "model_max_length": 16,
+        "model_max_length": 77,
         "tokenizer_class": "CLIPTokenizer",
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
@@ -338,7 +342,7 @@ def build_tiny_sd(
     UNet: 3 blocks (32, 64, 64 channels; latent 8x8 -> features at 8, 4, 2), SD-2-style linear projections
     and cross-attention of width ``cross_attention_dim``; ``kind`` sets its input channels (4 / 9 / 5).
     VAE: 4 blocks, so one latent pixel is 8x8 pixels as in SD. Text encoder + tokenizer (a byte-level CLIP
-    tokenizer, 16 tokens) only when `transformers` is installed (``"auto"``) or forced.
+    tokenizer, 77 tokens as CLIP) only when `transformers` is installed (``"auto"``) or forced.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -397,7 +401,7 @@ def build_tiny_sd(
             intermediate_size=2 * cross_attention_dim,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=16,
+            max_position_embeddings=77,
             projection_dim=cross_attention_dim,
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
