@@ -26,7 +26,7 @@ from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import generate_toy_rooms, random_room, render_room_ring
 from genvs.methods.mvdiffusion import ADAPTER_FILE, MVDiffusion
 from genvs.methods.mvdiffusion import model as mv_model
-from genvs.methods.mvdiffusion.correspondences import axis_neighbors, pair_overlap, ring_neighbors
+from genvs.methods.mvdiffusion.correspondences import axis_neighbors, pair_overlap
 from genvs.methods.mvdiffusion.sd import StableDiffusionError, build_tiny_sd
 
 TINY_ROOMS = RoomConfig(resolution=32, num_rooms={"train": 2, "val": 1, "test": 1}, supersample=1)
@@ -402,13 +402,19 @@ def test_checkpoint_holds_only_trainable_weights_and_reloads(sd, rooms_root, tmp
         torch.testing.assert_close(again.state_dict()[k], v, msg=k)
     batch = ring_batch(rooms_root)
     torch.testing.assert_close(again.generate(batch)[1].images, m.generate(batch)[1].images)
-    # the adapter alone, as safetensors (`load_adapter` itself is tested in test_mvdiffusion_parts.py)
+    # the adapter alone, as safetensors, from the model or from the checkpoint on the command line
+    # (`load_adapter` itself is tested in test_mvdiffusion_parts.py)
     from safetensors.torch import load_file
 
+    from genvs.methods.mvdiffusion.export import main as export_main
+
     saved = load_file(m.save_adapter(tmp_path / ADAPTER_FILE, ema=False))
-    assert saved.keys() == m.denoiser.adapter.state_dict().keys()
+    assert export_main([str(path), str(tmp_path / "cli.safetensors")]) == 0
+    exported = load_file(tmp_path / "cli.safetensors")
+    assert saved.keys() == exported.keys() == m.denoiser.adapter.state_dict().keys()
     for k, v in m.denoiser.adapter.state_dict().items():
         torch.testing.assert_close(saved[k], v, msg=k)
+        torch.testing.assert_close(exported[k], v, msg=k)  # EMA weights = these (EMA restarted from them)
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -474,3 +480,10 @@ def test_prediction_writer_saves_extra_images(tmp_path):
     writer.on_predict_batch_end(None, None, {"context": ctx, "pred": pred, "panorama": pano}, None, 0)
     img = np.asarray(Image.open(tmp_path / "s" / "panorama.png"))
     assert img.shape == (16, 32, 3) and img[0, 0, 0] == 0 and img[-1, -1, -1] == 255
+
+
+def test_data_command_renders_rooms(tmp_path):
+    assert main(["data", "rooms", "--root", str(tmp_path / "r"), "--rooms.resolution", "16", "--rooms.supersample", "1",
+                 "--rooms.num_rooms", "{train: 1, val: 0, test: 0}"]) == 0  # fmt: skip
+    assert len(list((tmp_path / "r/train").glob("*/rgb/*.png"))) == 8
+    assert len((tmp_path / "r/train/room_train_00000/prompts.txt").read_text().splitlines()) == 8

@@ -57,7 +57,6 @@ from genvs.methods.mvdiffusion.network import (
 from genvs.methods.mvdiffusion.sd import (
     SD_WEIGHTS_HELP,
     PromptEmbeddings,
-    PromptEncoder,
     StableDiffusionError,
     build_tiny_sd,
     decode_latents,
