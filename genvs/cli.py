@@ -23,7 +23,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter
+from genvs.callbacks import PredictionWriter, check_checkpoint
 from genvs.core.model import BaseNVSModel
 from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
 from genvs.data.module import NVSDataModule
@@ -32,9 +32,13 @@ __all__ = ["GenvsCLI", "main", "run"]
 
 
 class GenvsCLI(LightningCLI):
-    """LightningCLI with genvs defaults: precision chosen per device (below), atomic checkpoints
-    (``last.ckpt`` kept), a rich progress bar, LR monitoring, and a prediction writer
-    (``--predict_writer.output_dir``).
+    """LightningCLI with genvs defaults: precision chosen per device (below), atomic checkpoints every
+    500 steps plus ``last.ckpt`` (``--checkpoint.*`` configures them), a rich progress bar, LR monitoring,
+    and a prediction writer (``--predict_writer.output_dir``).
+
+    ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under ``trainer.default_root_dir`` (a new
+    run writes to a new version folder, so nothing of the old run is overwritten); any checkpoint is
+    verified before it is loaded, and loaded with ``weights_only=True``.
 
     ``trainer.precision: null`` (the default) picks ``bf16-mixed`` on CUDA GPUs with bf16 support and
     ``32-true`` elsewhere: on CPUs without AVX-512-BF16/AMX (e.g. AVX2-only machines) oneDNN has no fast
@@ -43,14 +47,17 @@ class GenvsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        # a rich progress bar unless the user turned progress bars off or brought their own
-        cbs = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in [*callbacks, *cbs]
-        ):
+        # a rich progress bar unless the user turned progress bars off or brought their own; LR
+        # monitoring whenever there is a logger to write it to
+        cbs = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in cbs):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
+        if config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in cbs):
+            callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
@@ -58,6 +65,29 @@ class GenvsCLI(LightningCLI):
         trainer = cfg.get("trainer")
         if trainer is not None and trainer.get("precision") is None:
             trainer["precision"] = default_precision(trainer.get("accelerator"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and verify the checkpoint before Lightning reads its hyperparameters."""
+        sub = self.config.get("subcommand")
+        if sub:
+            cfg = self.config[sub]
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last":
+                root = cfg.get("trainer", {}).get("default_root_dir") or "."
+                cfg["ckpt_path"] = ckpt = find_last_checkpoint(root)
+                if ckpt is None:
+                    print(f"genvs: --ckpt_path last: no checkpoint under {root} yet; starting from scratch")
+                else:
+                    print(f"genvs: resuming from {ckpt}")
+            if ckpt is not None:
+                check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
+
+def find_last_checkpoint(root: str) -> str | None:
+    """The newest ``last.ckpt`` under ``root`` (every version folder), or ``None``."""
+    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
 
 
 def default_precision(accelerator: str | None = "auto") -> str:
@@ -74,10 +104,6 @@ def _trainer_defaults() -> dict[str, Any]:
     return {
         "precision": None,
         "plugins": [{"class_path": "genvs.callbacks.AtomicCheckpointIO"}],
-        "callbacks": [
-            ModelCheckpoint(save_last=True, save_top_k=1),
-            LearningRateMonitor(logging_interval="step"),
-        ],
     }
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
+import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 from lightning.pytorch.core.mixins import HyperparametersMixin
@@ -152,6 +155,13 @@ class BaseNVSModel(L.LightningModule):
         self.configure_model()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("genvs", {}).get("method")
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved is not None and saved != mine:
+            raise ValueError(
+                f"this checkpoint was written by {saved}, not {mine}: load it with that method "
+                f"(e.g. --model {saved}) or pick a checkpoint of {type(self).__name__}"
+            )
         state = checkpoint.get("state_dict", {})
         has_ema = any(k.startswith("ema.") for k in state)
         if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
@@ -217,6 +227,25 @@ class BaseNVSModel(L.LightningModule):
         )
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.B, logger=False)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed every training batch from ``(seed, batches so far, rank)``.
+
+        The randomness of a step (noise levels, noise, CFG dropout, dropout) is then a function of the
+        step alone, so a run resumed from a checkpoint continues exactly like the uninterrupted run,
+        whatever consumed random numbers in between (data-loader start-up, validation, a restart).
+        """
+        loop = self.trainer.fit_loop.epoch_loop
+        seed = hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), loop.batch_progress.total.ready, self.global_rank))
+        seed &= 0x7FFF_FFFF
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import genvs
+
+        checkpoint["genvs"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}", "version": genvs.__version__}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

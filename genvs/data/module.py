@@ -7,17 +7,41 @@ evaluation loaders shard without repeating scenes, so every scene is scored exac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from genvs.core.views import Views
 from genvs.data.srn import SRNScenes
 from genvs.data.toy import ToyConfig, ensure_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
 
-__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule"]
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler"]
+
+
+class EpochSampler(DistributedSampler):
+    """Training order: a permutation that is a pure function of ``(seed, epoch)``, sharded over DDP ranks,
+    that can start part-way through an epoch. Lightning keeps it as is under DDP (it is a
+    `DistributedSampler`) and calls `set_epoch`; the epoch is forwarded to the dataset so per-example
+    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, drop_last: bool = True):
+        single = {} if dist.is_available() and dist.is_initialized() else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=True, seed=seed, drop_last=drop_last, **single)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = epoch
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter(order)
 
 
 class NVSDataModule(L.LightningDataModule):
@@ -92,7 +116,35 @@ class NVSDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("fit", self.batch_size, shuffle=True)
+        """Shuffled by an `EpochSampler`; on resume it starts where the checkpointed run stopped."""
+        dataset = self.dataset("fit")
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if hasattr(dataset, "seed"):
+            dataset.seed = seed
+        sampler = EpochSampler(dataset, seed=seed)
+        trainer = self.trainer
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.start = self._batches_done_this_epoch(trainer) * self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
+            collate_fn=Views.collate,
+        )
+
+    @staticmethod
+    def _batches_done_this_epoch(trainer: L.Trainer) -> int:
+        """Training batches of the current epoch that a restored checkpoint already consumed."""
+        loop = trainer.fit_loop
+        if not loop.restarting:
+            return 0
+        # `ready` counts the batches of this epoch that had started when the checkpoint was written; a
+        # checkpoint written in on_train_batch_end already contains that batch's update
+        return loop.epoch_loop.batch_progress.current.ready
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validate", self.eval_batch_size, shuffle=False)
