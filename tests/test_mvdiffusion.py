@@ -21,7 +21,7 @@ from genvs.core.geometry import equirect_directions, equirect_to_perspective, pr
 from genvs.core.views import Views
 from genvs.data import DepthSequenceDataModule, PanoramaDataModule, RoomConfig, ToyRoomsDataModule
 from genvs.data.panorama import matterport_skybox_cameras
-from genvs.data.scannet import DepthSequenceDataset, ModeBatchSampler, ScanNetScenes, scannet_intrinsics
+from genvs.data.scannet import DepthSequenceDataset, ModeEpochSampler, ScanNetScenes, scannet_intrinsics
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import generate_toy_rooms, random_room, render_room_ring
 from genvs.methods.mvdiffusion import ADAPTER_FILE, MVDiffusion
@@ -216,7 +216,7 @@ def test_scannet_sequences_keyframe_and_interpolation_examples(rooms_root, tmp_p
     gen = ds[0]
     assert gen.num_context == 0 and gen.index[0].tolist() == [0, 20, 40] and gen.depth.shape == (1, 3, 1, 32, 32)
     assert gen.prompts[0] == ["frame 0 of scene 0", "frame 20 of scene 0", "frame 40 of scene 0"]
-    interp = ds[len(ds) // 2 + 1]  # interpolation example of anchor key frame 20: key frames 20 and 60 first
+    interp = ds[len(ds) + 1]  # interpolation example of anchor key frame 20: key frames 20 and 60 first
     assert interp.num_context == 2 and interp.index[0, :2].tolist() == [20, 60]
     between = interp.index[0, 2:].tolist()
     assert between == sorted(between) and all(20 < f < 60 for f in between)
@@ -224,11 +224,19 @@ def test_scannet_sequences_keyframe_and_interpolation_examples(rooms_root, tmp_p
     torch.testing.assert_close(gen.depth[0, 1], d["depth"][2], atol=1e-3, rtol=0)
     torch.testing.assert_close(gen.c2w[0, 1], d["c2w"][2], atol=1e-5, rtol=0)
     assert (gen.images[0, 1] - d["images"][2]).abs().mean() < 0.05
-    # batches hold one kind of example each, and both kinds occur
+    # batches hold one kind of example each, both kinds occur, and the order is a function of the epoch
     assert {b.num_context for b in dm.train_dataloader()} <= {0, 2}
-    sampler = ModeBatchSampler(range(6), 2, False, offset=6, p_generation=0.5, seed=0)
-    batches = [b for _ in range(4) for b in sampler]
-    assert all(len({i >= 6 for i in b}) == 1 for b in batches) and {b[0] >= 6 for b in batches} == {True, False}
+    N = len(ds)
+    sampler = ModeEpochSampler(ds, batch_size=2, p_generation=0.5, seed=0)
+    batches = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert order == list(sampler) and sorted(i % N for i in order) == list(range(N))
+        sampler.start = 4  # a run resumed after two batches continues with the same indices
+        assert list(sampler) == order[4:]
+        batches += [order[j : j + 2] for j in range(0, len(order), 2)]
+    assert all(len({i >= N for i in b}) == 1 for b in batches) and {b[0] >= N for b in batches} == {True, False}
     # evaluation: key frames 0, 20, 40 and the frames every 10 ids between them, in temporal order
     ev = DepthSequenceDataset(ScanNetScenes(tmp_path / "scannet", "train"), eval_keyframes=3, frame_interval=10)
     assert ev[0].num_context == 0 and ev[0].index[0].tolist() == [0, 10, 20, 30, 40]
@@ -288,7 +296,7 @@ def test_loss_falls_on_a_fixed_batch(sd, rooms_root, task):
         dm = DepthSequenceDataModule(root=str(rooms_root), layout="rings", num_views=4, keyframe_gap=3, image_size=32,
                                      num_workers=0, batch_size=1)  # fmt: skip
         ds = dm.dataset("fit")
-        batch = Views.collate([ds[len(ds) // 2]])  # interpolation example: condition encoder used too
+        batch = Views.collate([ds[len(ds)]])  # interpolation example: condition encoder used too
         assert batch.num_context == 2
     else:
         batch = ring_batch(rooms_root, num_context=int(task == "image_panorama"), stage="fit")

@@ -194,6 +194,9 @@ class PanoramaDataset(Dataset):
         self.train, self.random_rotation = train, random_rotation
         self.prompt_prefix = prompt_prefix
         self.load_depth = load_depth
+        # training randomness (start yaw / view) is a function of (seed, epoch, i): resumed runs repeat it;
+        # `genvs.data.module.EpochSampler` sets both
+        self.seed, self.epoch = 0, 0
         if not 0 <= num_context < num_views:
             raise ValueError(f"num_context={num_context} must lie in [0, num_views={num_views})")
         if isinstance(source, RingScenes):
@@ -211,8 +214,9 @@ class PanoramaDataset(Dataset):
     def __getitem__(self, i: int) -> Views:
         V = self.num_views
         rotate = self.train and self.random_rotation
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
         if isinstance(self.source, SkyboxScenes):
-            yaw0 = float(torch.randint(0, 360, ())) if rotate else 0.0
+            yaw0 = float(torch.randint(0, 360, (), generator=g)) if rotate else 0.0
             step = 360.0 / V
             K, c2w = panorama_cameras(V, self.fov_deg, self.image_size, yaw_step_deg=-step, yaw0_deg=-yaw0)
             faces = self.source.faces(i)
@@ -223,7 +227,7 @@ class PanoramaDataset(Dataset):
             views = Views(images.clamp(-1, 1), K[None], c2w[None], num_context=self.num_context,
                           scene=[self.source.scenes[i].scene_id], index=index[None], prompts=[prompts])  # fmt: skip
             return views
-        shift = int(torch.randint(0, V, ())) if rotate else 0
+        shift = int(torch.randint(0, V, (), generator=g)) if rotate else 0
         order = [(shift + v) % V for v in range(V)]
         data = self.source.load(i, order, load_depth=self.load_depth)
         views = Views(

@@ -22,6 +22,7 @@ them; the model picks its key frames and runs both stages.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from genvs.core.views import Views
-from genvs.data.module import NVSDataModule
+from genvs.data.module import EpochSampler, NVSDataModule
 from genvs.data.panorama import RingScenes
 from genvs.data.srn import DatasetError, read_depth, read_image, read_pose
 from genvs.data.toy import RoomConfig, ensure_toy_rooms
@@ -45,7 +46,7 @@ __all__ = [
     "ScanNetScenes",
     "RingSequences",
     "DepthSequenceDataset",
-    "ModeBatchSampler",
+    "ModeEpochSampler",
     "DepthSequenceDataModule",
 ]
 
@@ -190,8 +191,9 @@ class RingSequences:
 class DepthSequenceDataset(Dataset):
     """`Views` examples (``B = 1``) of depth sequences (see the module docstring).
 
-    Training: indices ``i < N`` are key-frame examples, ``N <= i < 2N`` interpolation examples of the same
-    anchors (`ModeBatchSampler` keeps a batch to one kind). Evaluation: one sequence per scene.
+    Training: one example per key frame of every scene (``N`` anchors, ``len() = N``); index ``i`` is the
+    key-frame example of anchor ``i``, index ``i + N`` its interpolation example (`ModeEpochSampler` draws
+    the kind per batch). Evaluation: one sequence per scene.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class DepthSequenceDataset(Dataset):
         self.num_views, self.train = num_views, train
         self.keyframe_gap, self.eval_keyframes, self.frame_interval = keyframe_gap, eval_keyframes, frame_interval
         self.image_size = image_size
+        self.seed, self.epoch = 0, 0  # frames between key frames are a function of (seed, epoch, i)
         if train:
             need = max(num_views, keyframe_gap + 1)
             short = [r.scene_id for r in source.scenes if len(r.keyframes) < need]
@@ -225,7 +228,7 @@ class DepthSequenceDataset(Dataset):
             self.anchors = [(i, 0) for i in range(n)]
 
     def __len__(self) -> int:
-        return 2 * len(self.anchors) if self.train else len(self.anchors)
+        return len(self.anchors)
 
     def views_of(self, i: int) -> tuple[int, list[int], int]:
         """(scene, frame positions, num_context) of example ``i``."""
@@ -251,7 +254,8 @@ class DepthSequenceDataset(Dataset):
         a, b = kf[k], kf[k + self.keyframe_gap]
         between = list(range(a + 1, b))
         if between:
-            pick = torch.randperm(len(between))[: V - 2].sort().values.tolist()
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            pick = torch.randperm(len(between), generator=g)[: V - 2].sort().values.tolist()
             between = [between[j] for j in pick]
             between += [between[-1]] * (V - 2 - len(between))  # too few frames: repeat (as the official code)
         else:
@@ -275,24 +279,28 @@ class DepthSequenceDataset(Dataset):
         return v.resize(self.image_size) if self.image_size is not None else v
 
 
-class ModeBatchSampler(BatchSampler):
-    """Batches of one kind for `DepthSequenceDataset`: with probability ``p_generation`` key-frame examples
-    (indices ``i``), else interpolation examples (``i + offset``), drawn per batch.
+class ModeEpochSampler(EpochSampler):
+    """`EpochSampler` order in batches of one kind: each run of ``batch_size`` consecutive indices (one
+    batch) is, with probability ``p_generation``, key-frame examples ``i``, else interpolation examples
+    ``i + N`` of the same anchors (`DepthSequenceDataset`). The kind of the ``k``-th batch of an epoch is a
+    function of ``(seed, epoch, k)``: the same on every DDP rank, and the same in a resumed run."""
 
-    ``sampler`` yields example indices (taken modulo ``offset``, so a `DistributedSampler` over the whole
-    dataset also works)."""
+    def __init__(self, dataset: "DepthSequenceDataset", batch_size: int, p_generation: float = 0.5, seed: int = 0,
+                 drop_last: bool = True):  # fmt: skip
+        super().__init__(dataset, seed=seed, drop_last=drop_last)
+        self.batch_size, self.p_generation = batch_size, p_generation
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool, offset: int, p_generation: float = 0.5, seed: int = 0):
-        super().__init__(sampler, batch_size, drop_last)
-        self.offset, self.p_generation, self.seed = offset, p_generation, seed
-        self._epoch = 0
+    def interpolation_batch(self, k: int) -> bool:
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return float(torch.rand((), generator=g)) >= self.p_generation
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + self._epoch)
-        self._epoch += 1
-        for batch in super().__iter__():
-            interp = float(torch.rand((), generator=g)) >= self.p_generation
-            yield [i % self.offset + (self.offset if interp else 0) for i in batch]
+        N = len(self.dataset)
+        order = list(super(EpochSampler, self).__iter__())  # this rank's whole epoch
+        kinds = [self.interpolation_batch(k) for k in range((len(order) + self.batch_size - 1) // self.batch_size)]
+        order = [i + N * kinds[j // self.batch_size] for j, i in enumerate(order)][self.start :]
+        self.start = 0
+        return iter(order)
 
 
 class DepthSequenceDataModule(NVSDataModule):
@@ -373,17 +381,21 @@ class DepthSequenceDataModule(NVSDataModule):
         return self._datasets[stage]
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable, DDP-sharded order in batches of one kind (`ModeEpochSampler`)."""
         dataset = self.dataset("fit")
-        n = len(dataset.anchors)
-        sampler = RandomSampler(range(n))
-        batches = ModeBatchSampler(
-            sampler, self.batch_size, drop_last=n >= self.batch_size, offset=n, p_generation=self.p_generation,
-            seed=self.seed,
-        )  # fmt: skip
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        dataset.seed = seed
+        sampler = ModeEpochSampler(dataset, self.batch_size, self.p_generation, seed=seed)
+        trainer = self.trainer
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.start = self._batches_done_this_epoch(trainer) * self.batch_size
         return DataLoader(
             dataset,
-            batch_sampler=batches,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
             collate_fn=Views.collate,
         )

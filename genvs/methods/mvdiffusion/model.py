@@ -206,6 +206,7 @@ class MVDiffusion(BaseNVSModel):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen SD weights: they are rebuilt from ``sd_path`` when the checkpoint loads."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         for k in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[k]
