@@ -367,6 +367,13 @@ def test_depth_two_stage_sampling_generates_every_segment(sd, rooms_root, monkey
     assert (cond[:, [0, 2], :4] == 1).all() and (cond[:, 1] == 0).all() and (cond[:, [0, 2], 4] == 1).all()
     z = decoded[0]
     assert (z[:, [0, 2, 4, 6]] == 1).all() and (z[:, [1, 3, 5]] == 2).all()  # every frame between key frames
+    # given key frames (context with images and depth): one joint generation conditioned on them
+    calls.clear()
+    decoded.clear()
+    interp = dm.dataset("predict")[0].select([0, 2, 1], num_context=2)
+    ctx, pred = m.generate(interp)
+    assert ctx.V == 2 and pred.V == 1 and len(calls) == 1 and calls[0][0] == (1, 3)
+    assert (calls[0][1][0, :2, 4] == 1).all() and (calls[0][1][0, 2] == 0).all()
 
 
 def test_keyframes_by_overlap_are_greedy(sd):

@@ -218,15 +218,17 @@ class PanoramaDataset(Dataset):
         if isinstance(self.source, SkyboxScenes):
             yaw0 = float(torch.randint(0, 360, (), generator=g)) if rotate else 0.0
             step = 360.0 / V
-            K, c2w = panorama_cameras(V, self.fov_deg, self.image_size, yaw_step_deg=-step, yaw0_deg=-yaw0)
             faces = self.source.faces(i)
+            # resample at (at least) the faces' resolution, then downsample with antialiasing, as the
+            # official loader warps at face resolution and resizes
+            size = max(self.image_size, faces.shape[-1])
+            K, c2w = panorama_cameras(V, self.fov_deg, size, yaw_step_deg=-step, yaw0_deg=-yaw0)
             Kf, cf = matterport_skybox_cameras(faces.shape[-1])
-            images, _ = reproject_views(faces[None], Kf[None], cf[None], K[None], c2w[None], (self.image_size,) * 2)
+            images, _ = reproject_views(faces[None], Kf[None], cf[None], K[None], c2w[None], (size, size))
             prompts = [self.prompt_prefix + self.source.prompt(i, yaw0 + step * v) for v in range(V)]
-            index = torch.arange(V)
             views = Views(images.clamp(-1, 1), K[None], c2w[None], num_context=self.num_context,
-                          scene=[self.source.scenes[i].scene_id], index=index[None], prompts=[prompts])  # fmt: skip
-            return views
+                          scene=[self.source.scenes[i].scene_id], index=torch.arange(V)[None], prompts=[prompts])  # fmt: skip
+            return views.resize(self.image_size)
         shift = int(torch.randint(0, V, (), generator=g)) if rotate else 0
         order = [(shift + v) % V for v in range(V)]
         data = self.source.load(i, order, load_depth=self.load_depth)
