@@ -22,6 +22,8 @@ the adapter alone as safetensors (also done at the end of ``fit``).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -193,7 +195,14 @@ class MVDiffusion(BaseNVSModel):
                 f"RANDOM-WEIGHT Stable Diffusion ({kind}) there. Its samples are noise-like; use it for toy runs only.",
                 flush=True,
             )
-            build_tiny_sd(path, kind=kind, text_encoder=text_encoder or "auto")
+            # write next to it and rename: concurrent processes (DDP ranks) never see a half-written folder
+            final = Path(path).expanduser()
+            tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+            build_tiny_sd(tmp, kind=kind, text_encoder=text_encoder or "auto")
+            try:
+                tmp.rename(final)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
         return load_stable_diffusion(path, text_encoder=text_encoder, expect_in_channels=IN_CHANNELS[kind])
 
     # ------------------------------------------------------------------------ frozen weights
