@@ -3,6 +3,7 @@
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
 from genvs.data.panorama import PanoramaDataModule, RingScenes, SkyboxScenes, ToyRoomsDataModule
 from genvs.data.scannet import DepthSequenceDataModule, RingSequences, ScanNetScenes
+from genvs.data.single import ImageOrbitDataModule
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import RoomConfig, ToyConfig, generate_toy_dataset, generate_toy_rooms
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
@@ -14,6 +15,7 @@ __all__ = [
     "PanoramaDataModule",
     "ToyRoomsDataModule",
     "DepthSequenceDataModule",
+    "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
     "SkyboxScenes",

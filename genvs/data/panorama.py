@@ -294,6 +294,9 @@ class PanoramaDataModule(NVSDataModule):
         self.num_context, self.num_views, self.fov_deg = num_context, num_views, fov_deg
         self.random_rotation, self.prompt_prefix = random_rotation, prompt_prefix
         self.num_scenes = {"validate": num_val_scenes, "test": num_test_scenes, "predict": num_predict_scenes}
+        # what results tables record as the evaluation protocol (the base's view protocols do not apply)
+        self.val_protocol = self.predict_protocol = None
+        self.test_protocol = {"whole rings": num_views, "given views": num_context, "scenes": num_test_scenes}
 
     def scene_source(self, split: str) -> SkyboxScenes | RingScenes:
         if self.layout == "skybox":

@@ -349,6 +349,9 @@ class DepthSequenceDataModule(NVSDataModule):
         self.rooms = rooms
         self.seed = seed
         self.num_scenes = {"validate": num_val_scenes, "test": num_test_scenes, "predict": num_predict_scenes}
+        # what results tables record as the evaluation protocol (the base's view protocols do not apply)
+        self.val_protocol = self.predict_protocol = None
+        self.test_protocol = {"key frames": eval_keyframes, "frame interval": frame_interval, "scenes": num_test_scenes}
         if rooms is not None and layout != "rings":
             raise ValueError("data.rooms renders procedural rings: use layout: rings with it")
 

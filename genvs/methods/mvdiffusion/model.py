@@ -35,7 +35,7 @@ from torch import Tensor
 from genvs.core.config import spec
 from genvs.core.geometry import perspective_to_equirect
 from genvs.core.model import BaseNVSModel, OptimConfig
-from genvs.core.samplers import DDIMScheduler, Sampler
+from genvs.core.samplers import DDIMScheduler, Sampler, sampling_progress
 from genvs.core.views import Views
 from genvs.methods.mvdiffusion.caa import load_adapter, save_adapter
 from genvs.methods.mvdiffusion.correspondences import (
@@ -333,13 +333,16 @@ class MVDiffusion(BaseNVSModel):
         return {"loss": loss.mean()}
 
     # --------------------------------------------------------------------------------- sampling
-    def generate(self, batch: Views, batch_idx: int = 0, sampler: Sampler | None = None) -> tuple[Views, Views]:
+    def generate(
+        self, batch: Views | tuple[Views, Views], batch_idx: int = 0, sampler: Sampler | None = None
+    ) -> tuple[Views, Views]:
         """As `BaseNVSModel.generate`, but depth-to-image keeps the targets' depth maps (its input)."""
         if self.task != "depth":
             return super().generate(batch, batch_idx, sampler)
-        context, targets = batch.split()
+        context, targets = batch if isinstance(batch, tuple) else batch.split()
         cams = dataclasses.replace(targets.cameras_only(), depth=targets.depth)
-        with self.ema_weights(), torch.no_grad():
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        with self.ema_weights(), torch.no_grad(), sampling_progress(bar):
             pred = self.sample(context, cams, sampler=sampler, generator=self._generator(batch_idx))
         return context, pred
 
