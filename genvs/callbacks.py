@@ -47,6 +47,8 @@ class PredictionWriter(L.Callback):
                             /gt_<i>.png        ground truth, when the dataset has it
                             /grid.png          context | generated | ground truth
                             /orbit.gif         the generated views in order
+                            /<name>.png        any other ``[B, 3, H, W]`` image the model returns under
+                                               ``<name>`` (e.g. MVDiffusion's stitched ``panorama``)
 
     Args:
         output_dir: where to write (default: ``<trainer.default_root_dir>/predictions``).
@@ -88,6 +90,9 @@ class PredictionWriter(L.Callback):
             save_image(views_grid(context.images[b : b + 1], pred.images[b : b + 1], tgt), folder / "grid.png")
             if self.gif and pred.V > 1:
                 save_gif(pred.images[b], folder / "orbit.gif", self.fps)
+            for name, image in outputs.items():  # extra per-scene images, e.g. a stitched panorama
+                if isinstance(image, Tensor) and image.ndim == 4 and image.shape[:2] == (pred.B, 3):
+                    save_image(_to_unit(image[b]), folder / f"{name}.png")
 
 
 class CheckpointError(RuntimeError):

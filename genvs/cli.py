@@ -6,6 +6,7 @@ model is any `BaseNVSModel` subclass and the data any `NVSDataModule` subclass, 
 default, nested components included. Extra commands:
 
 - ``genvs data toy --root data/toy [--toy.seed 0 --toy.resolution 64 ...]`` renders the procedural dataset;
+- ``genvs data rooms --root data/toy_rooms [--rooms.resolution 64 ...]`` renders the procedural rooms;
 - ``genvs table results/*.json [--out comparison]`` merges ``genvs test`` results into one comparison table;
 - ``genvs methods`` lists the built-in and plugin methods.
 
@@ -180,7 +181,7 @@ def _resolve_methods(argv: list[str]) -> list[str]:
 def _data_command(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
-    from genvs.data.toy import ToyConfig, ensure_toy_dataset
+    from genvs.data.toy import RoomConfig, ToyConfig, ensure_toy_dataset, ensure_toy_rooms
 
     parser = ArgumentParser(prog="genvs data", description="Prepare datasets.")
     sub = parser.add_subcommands(dest="dataset")
@@ -188,7 +189,15 @@ def _data_command(argv: list[str]) -> int:
     toy.add_argument("--root", default="data/toy", help="output folder")
     toy.add_class_arguments(ToyConfig, "toy")
     sub.add_subcommand("toy", toy, help="render the built-in procedural dataset")
+    rooms = ArgumentParser(description="Render procedural rooms as panorama rings (SRN layout + depth + prompts).")
+    rooms.add_argument("--root", default="data/toy_rooms", help="output folder")
+    rooms.add_class_arguments(RoomConfig, "rooms")
+    sub.add_subcommand("rooms", rooms, help="render the procedural rooms (panorama rings)")
     cfg = parser.parse_args(argv)
+    if cfg.dataset == "rooms":
+        root = ensure_toy_rooms(cfg.rooms.root, parser.instantiate(cfg).rooms.rooms)
+        print(f"genvs: procedural rooms ready in {root}")
+        return 0
     toy_cfg = parser.instantiate(cfg).toy.toy
     root = ensure_toy_dataset(cfg.toy.root, toy_cfg)
     print(f"genvs: procedural dataset ready in {root}")

@@ -1,20 +1,31 @@
 """Datasets and datamodules."""
 
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
+from genvs.data.panorama import PanoramaDataModule, RingScenes, SkyboxScenes, ToyRoomsDataModule
+from genvs.data.scannet import DepthSequenceDataModule, RingSequences, ScanNetScenes
 from genvs.data.single import ImageOrbitDataModule
 from genvs.data.srn import DatasetError, SRNScenes
-from genvs.data.toy import ToyConfig, generate_toy_dataset
+from genvs.data.toy import RoomConfig, ToyConfig, generate_toy_dataset, generate_toy_rooms
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
 
 __all__ = [
     "NVSDataModule",
     "SRNDataModule",
     "ToyDataModule",
+    "PanoramaDataModule",
+    "ToyRoomsDataModule",
+    "DepthSequenceDataModule",
     "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
+    "SkyboxScenes",
+    "RingScenes",
+    "ScanNetScenes",
+    "RingSequences",
     "ToyConfig",
+    "RoomConfig",
     "generate_toy_dataset",
+    "generate_toy_rooms",
     "EvalProtocol",
     "MultiViewDataset",
 ]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, sphere_poses
+from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, ring_poses, sphere_poses
 
 __all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "ensure_toy_dataset"]
 
@@ -321,3 +321,222 @@ def ensure_toy_dataset(root: str | Path, cfg: ToyConfig | None = None) -> Path:
             "Point data.init_args.root at an empty or new folder."
         )
     return generate_toy_dataset(root, cfg)
+
+
+# =================================================================================================
+# Procedural rooms: panorama rings with depth and per-view prompts (MVDiffusion's toy data)
+#
+# A box room whose four walls, floor and ceiling are thin box slabs, each with its own material, and a
+# few composite objects (`random_object`) standing on the floor. A ring of views (90 deg field of view,
+# 45 deg yaw steps by default) is rendered from near the room centre with `render_object`, so rooms use
+# exactly the primitives, patterns and shading of the object generator. Every view gets a short prompt
+# naming what it shows (its dominant wall, the floor, the objects in sight).
+#
+# Written layout: the SRN layout above (rgb/, depth/, pose/, intrinsics.txt, the ring's views in order)
+# plus ``prompts.txt`` (one prompt per view, in view order) and ``<root>/rooms.json``.
+# =================================================================================================
+
+__all__ += ["RoomConfig", "Room", "random_room", "room_primitives", "render_room_ring", "room_prompts",
+            "generate_toy_rooms", "ensure_toy_rooms"]  # fmt: skip
+
+ROOMS_FORMAT_VERSION = 1
+COLOR_NAMES = ("red", "blue", "yellow", "green", "purple", "orange", "black", "white", "brown", "teal")
+PATTERN_WORDS = {"solid": "plain", "checker": "checkered", "stripes": "striped", "dots": "dotted"}
+SURFACE_NAMES = ("wall", "wall", "wall", "wall", "floor", "ceiling")
+
+
+@dataclass
+class RoomConfig:
+    """Settings of the procedural room dataset. Changing any of them regenerates the data.
+
+    Args:
+        num_views: views per ring; ``yaw_step_deg`` apart (negative: turning right, as MVDiffusion's
+            rings, so that the views read left to right in an equirectangular panorama).
+        fov_deg: horizontal (= vertical, square views) field of view.
+        min_objects / max_objects: composite objects per room.
+    """
+
+    seed: int = 0
+    resolution: int = 64
+    num_rooms: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 100, "val": 4, "test": 8})
+    num_views: int = 8
+    fov_deg: float = 90.0
+    yaw_step_deg: float = -45.0
+    min_objects: int = 2
+    max_objects: int = 4
+    supersample: int = 2
+
+
+@dataclass
+class Room:
+    half: Tensor  # [3] half extents; the room spans [-half, half], floor at z = -half[2]
+    surfaces: list[Primitive]  # 6 slabs: walls +x, -x, +y, -y, floor, ceiling
+    objects: list[list[Primitive]]  # composite objects standing on the floor
+    camera: Tensor  # [3] centre of the ring
+
+
+def _color_name(c: Tensor) -> str:
+    return COLOR_NAMES[int((PALETTE - c).norm(dim=-1).argmin())]
+
+
+def _object_bottom(prims: list[Primitive]) -> float:
+    return min(float(p.center[2] - p.size[2]) for p in prims)
+
+
+def random_room(generator: torch.Generator, min_objects: int = 2, max_objects: int = 4) -> Room:
+    """A random room: size, one material per surface (distinct wall colours), objects, ring centre."""
+
+    def u(lo=0.0, hi=1.0):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    half = torch.tensor([u(1.8, 3.0), u(1.8, 3.0), u(1.3, 1.6)])
+    colors = torch.randperm(len(PALETTE), generator=generator)[:6]
+    surfaces = []
+    for k in range(6):
+        axis, sign = (0, 0, 1, 1, 2, 2)[k], (1.0, -1.0, 1.0, -1.0, -1.0, 1.0)[k]
+        # floor and ceiling: patterns that vary within a horizontal plane (stripes vary with height only)
+        patterns = PATTERNS if k < 4 else ("solid", "checker", "dots")
+        pattern = patterns[int(torch.randint(len(patterns), (), generator=generator))]
+        c2 = PALETTE[int(torch.randint(len(PALETTE), (), generator=generator))]
+        freq = u(1.5, 3.0)
+        t = 0.5 / freq  # slab half thickness: puts the inner face mid-cell of the 3D dot lattice
+        center = torch.zeros(3)
+        center[axis] = sign * (half[axis] + t)
+        size = half + 2 * t
+        size[axis] = t
+        surfaces.append(Primitive("box", center, size, 0.0, PALETTE[colors[k]].clone(), c2, pattern, freq))
+    camera = torch.tensor([u(-0.3, 0.3), u(-0.3, 0.3), -half[2] + u(1.3, 1.6)])
+    objects = []
+    n = int(torch.randint(min_objects, max_objects + 1, (), generator=generator))
+    for _ in range(n):
+        prims = random_object(generator, 2, 3, scale=u(1.4, 2.0))
+        for _attempt in range(20):  # somewhere on the floor, away from the camera and the walls
+            xy = torch.stack([u(-1, 1) * (half[0] - 0.7), u(-1, 1) * (half[1] - 0.7)])
+            if (xy - camera[:2]).norm() > 1.2:
+                break
+        lift = -half[2] - _object_bottom(prims)
+        shift = torch.tensor([float(xy[0]), float(xy[1]), lift])
+        objects.append([dataclasses.replace(p, center=p.center + shift) for p in prims])
+    return Room(half=half, surfaces=surfaces, objects=objects, camera=camera)
+
+
+def room_primitives(room: Room) -> list[Primitive]:
+    """Every primitive of the room: the 6 surface slabs, then the objects' primitives."""
+    return list(room.surfaces) + [p for obj in room.objects for p in obj]
+
+
+def _surface_ids(room: Room, K: Tensor, c2w: Tensor, H: int, W: int) -> Tensor:
+    """``[H, W]`` what each pixel sees: 0-5 surfaces, ``6 + j`` object ``j``."""
+    prims = room_primitives(room)
+    owner = torch.tensor(list(range(6)) + [6 + j for j, obj in enumerate(room.objects) for _ in obj])
+    o, d = camera_rays(K, c2w, H, W)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    t = torch.stack([_intersect(p, o, d)[0] for p in prims], -1)
+    return owner[t.argmin(-1)].reshape(H, W)
+
+
+def room_prompts(room: Room, K: Tensor, c2w: Tensor, size: int = 32) -> list[str]:
+    """One prompt per camera ``c2w [V, 4, 4]`` (``K [3, 3]`` for ``size`` px views): the dominant wall,
+    the floor and ceiling when in sight, and the objects covering at least 2% of the view."""
+    prompts = []
+    for cam in c2w:
+        ids = _surface_ids(room, K, cam, size, size).flatten()
+        frac = torch.bincount(ids, minlength=6 + len(room.objects)).float() / ids.numel()
+        wall = int(frac[:4].argmax())
+        parts = [f"a {_desc(room.surfaces[wall])} wall"]
+        for k in (4, 5):
+            if frac[k] > 0.05:
+                parts.append(f"a {_desc(room.surfaces[k])} {SURFACE_NAMES[k]}")
+        for j, obj in enumerate(room.objects):
+            if frac[6 + j] > 0.02:
+                big = max(obj, key=lambda p: float(p.size.prod()))
+                parts.append(f"a {_color_name(big.color)} {big.kind}")
+        prompts.append("a room with " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1])
+    return prompts
+
+
+def _desc(p: Primitive) -> str:
+    word = PATTERN_WORDS[p.pattern]
+    return f"{word} {_color_name(p.color)}" if p.pattern != "solid" else _color_name(p.color)
+
+
+def _ring(room: Room, cfg: RoomConfig, resolution: int) -> tuple[Tensor, Tensor]:
+    K = intrinsics_from_fov(cfg.fov_deg, resolution)
+    poses = ring_poses(cfg.num_views, cfg.yaw_step_deg, position=tuple(float(x) for x in room.camera))
+    return K, poses
+
+
+def render_room_ring(room: Room, cfg: RoomConfig | None = None) -> dict:
+    """Render the ring of ``room`` in memory: ``images [V, 3, H, W]`` in [-1, 1], ``depth [V, 1, H, W]``,
+    ``K [V, 3, 3]``, ``c2w [V, 4, 4]`` (OpenCV, z-up world) and ``prompts`` (V strings)."""
+    cfg = cfg or RoomConfig()
+    res, ss = cfg.resolution, cfg.supersample
+    K_ss, poses = _ring(room, cfg, res * ss)
+    prims = room_primitives(room)
+    images, depths = [], []
+    for c2w in poses:
+        rgb, depth = render_object(prims, K_ss, c2w, res * ss, res * ss)
+        images.append(F.avg_pool2d(rgb[None], ss)[0] * 2 - 1)
+        depths.append(depth[ss // 2 :: ss, ss // 2 :: ss][None])
+    K = intrinsics_from_fov(cfg.fov_deg, res)
+    return {
+        "images": torch.stack(images),
+        "depth": torch.stack(depths),
+        "K": K.expand(cfg.num_views, 3, 3).clone(),
+        "c2w": poses,
+        "prompts": room_prompts(room, intrinsics_from_fov(cfg.fov_deg, 32), poses),
+    }
+
+
+def generate_toy_rooms(root: str | Path, cfg: RoomConfig | None = None, progress: bool = True) -> Path:
+    """Render every split's rooms into ``root`` (same atomic replacement as `generate_toy_dataset`)."""
+    cfg = cfg or RoomConfig()
+    final = Path(root)
+    tmp = final.with_name(final.name + ".genvs-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    # the object writer renders, antialiases and writes the views; only its image settings matter here
+    view_cfg = ToyConfig(resolution=cfg.resolution, fov_deg=cfg.fov_deg, supersample=cfg.supersample)
+    total = sum(cfg.num_rooms.values())
+    done = 0
+    for split, n in cfg.num_rooms.items():
+        for i in range(n):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_OFFSETS.get(split, 3) * 100_003 + i + 7)
+            room = random_room(g, cfg.min_objects, cfg.max_objects)
+            _, poses = _ring(room, cfg, cfg.resolution)
+            folder = tmp / split / f"room_{split}_{i:05d}"
+            _write_object(folder, room_primitives(room), poses, view_cfg)
+            prompts = room_prompts(room, intrinsics_from_fov(cfg.fov_deg, 32), poses)
+            (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+            done += 1
+            if progress and (done % 20 == 0 or done == total):
+                print(f"genvs: rendered {done}/{total} procedural rooms into {tmp}", flush=True)
+    (tmp / "rooms.json").write_text(json.dumps({"version": ROOMS_FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def ensure_toy_rooms(root: str | Path, cfg: RoomConfig | None = None) -> Path:
+    """Generate the rooms on first use, or again when ``rooms.json`` records other settings."""
+    cfg = cfg or RoomConfig()
+    root = Path(root)
+    meta = root / "rooms.json"
+    want = {"version": ROOMS_FORMAT_VERSION, **dataclasses.asdict(cfg)}
+    if meta.exists():
+        try:
+            have = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            have = None
+        if have == want:
+            return root
+        if have is not None:
+            print(f"genvs: {meta} records other generator settings; regenerating the procedural rooms")
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} exists, is not empty and holds no rooms.json: it is not a genvs procedural room dataset. "
+            "Point data.init_args.root at an empty or new folder."
+        )
+    return generate_toy_rooms(root, cfg)
