@@ -69,7 +69,7 @@ def pixels_to_grid(uv: Tensor, H: int, W: int) -> Tensor:
 # =====================================================================================================
 #
 # A source view's depth map is read as a triangle mesh: one vertex per pixel centre (plus, with
-# ``pad_border``, a ring of vertices on the image border so the mesh covers whole pixels), two triangles
+# ``border``, a ring of vertices on or beyond the image border so the mesh covers whole pixels), two triangles
 # per 2x2 block split along the shorter 3D diagonal. The mesh is rasterised into the target camera at
 # ``supersample`` times its resolution with a z-buffer (vectorised: every triangle enumerates the pixel
 # centres of its bounding box, ``scatter_reduce(amin)`` keeps the nearest fragment per pixel). Triangles
@@ -189,7 +189,7 @@ def rasterize_depth_mesh(
     atol: float | None = None,
     rtol: float | None = None,
     erode: int = 0,
-    pad_border: bool = True,
+    border: float = 0.5,
     near: float = 1e-4,
     max_candidates: int = 1 << 22,
 ) -> MeshRaster:
@@ -204,8 +204,10 @@ def rasterize_depth_mesh(
             A triangle whose vertices all touch a discontinuous triangle is an ``edge`` triangle.
         erode: a triangle whose vertices all lie within this many vertices (Chebyshev) of a
             discontinuity vertex is ``eroded`` (used to down-weight colours near edges).
-        pad_border: add a vertex ring on the image border (edge-replicated depth) so the mesh covers
-            whole pixels and an identity warp covers the whole image.
+        border: add a ring of vertices ``border`` pixels beyond the outermost pixel centres, with their
+            depth (edge-replicated). The default 0.5 puts it on the image border, so the mesh covers whole
+            pixels and an identity warp covers the whole image; larger values extend the image plane (the
+            official forward pass pads by the image size); 0 disables it.
         near: triangles with a vertex closer than this to the target camera plane are dropped.
         max_candidates: candidate pixels processed at once (memory bound), a chunking knob only.
     """
@@ -225,9 +227,9 @@ def rasterize_depth_mesh(
     # ---- vertices (source pixel coordinates, source camera points, target screen coordinates)
     u = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
     v = torch.arange(H, device=dev, dtype=torch.float32) + 0.5
-    if pad_border:
-        u = torch.cat([u.new_zeros(1), u, u.new_full((1,), float(W))])
-        v = torch.cat([v.new_zeros(1), v, v.new_full((1,), float(H))])
+    if border > 0:
+        u = torch.cat([u.new_full((1,), 0.5 - border), u, u.new_full((1,), W - 0.5 + border)])
+        v = torch.cat([v.new_full((1,), 0.5 - border), v, v.new_full((1,), H - 0.5 + border)])
         d = F.pad(d[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
         ok = F.pad(ok[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0] > 0.5
     Hv, Wv = d.shape[-2:]
@@ -403,7 +405,7 @@ def forward_warp(
     rtol: float | None = 0.02,
     coverage: float = 0.75,
     mode: str = "nearest",
-    pad_border: bool = True,
+    border: float = 0.5,
 ) -> RGBDWarp:
     """Forward-warp source views with their depth into target cameras (z-buffered mesh rasterisation).
 
@@ -419,6 +421,7 @@ def forward_warp(
         atol, rtol: depth-discontinuity tolerances for stretched triangles and the final depth-edge test
             (`depth_edges` on the warped depth); ``None`` for both disables both.
         mode: ``"nearest"`` (the official texture lookup) or ``"bilinear"`` source sampling.
+        border: extension of the source mesh beyond the outermost pixel centres (`rasterize_depth_mesh`).
 
     Returns `RGBDWarp` with the leading dims of the input. Runs in float32 outside autocast.
     """
@@ -445,7 +448,7 @@ def forward_warp(
             supersample=ss,
             atol=atol,
             rtol=rtol,
-            pad_border=pad_border,
+            border=border,
         )
         vis = r.visible[:, None].float()  # [n, 1, Hs, Ws]
         col = _sample_source(img, r.src_uv, mode) * vis
