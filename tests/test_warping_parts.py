@@ -40,6 +40,15 @@ from genvs.methods.warping.network import (
 S = 24  # image size for pair tests
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These small ops are latency bound; one intra-op thread avoids OpenMP contention on shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _smooth_rgbd(B=2, H=S, W=S):
     y, x = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
     rgb = torch.stack([torch.sin(3 * x + k) * torch.cos(2 * y) for k in range(3)])[None].repeat(B, 1, 1, 1)
