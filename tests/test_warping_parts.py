@@ -480,3 +480,49 @@ def test_official_viewset():
     torch.testing.assert_close((cams[:, :3, 3] - pivot).norm(dim=-1), torch.ones(27))
     fwd = F.normalize(pivot - cams[:, :3, 3], dim=-1)
     torch.testing.assert_close(cams[:, :3, 2], fwd)
+
+
+def test_iterative_sampling_pipeline_composes():
+    """The call sequence the LightningModule's sample() will use, with tiny random networks:
+    view 0 from the unconditional model, each later view from the conditional one on the aggregation
+    of the previous views, with CFG on the class label and the official x0 guidance."""
+    from genvs.core.samplers import DDIMScheduler, Sampler, cfg_combine
+    from genvs.methods.warping.depth import SAMPLE_FAR, SAMPLE_NEAR
+
+    H = W = 16
+    uncond = _randomize(_tiny_unet())
+    cond_net = conditional_from_unconditional(uncond)
+    sched = DiscreteSchedule("linear")
+    sampler = Sampler(DDIMScheduler(timestep_spacing="trailing"), num_steps=3, guidance_scale=1.5)
+    g = torch.Generator().manual_seed(0)
+    B = 2
+    labels = torch.tensor([1, 3])
+    K = intrinsics_from_fov(45.0, H, W).expand(B, 3, 3)
+    cams = viewset("3x9")[:3]  # views 0, 1, 2
+
+    def uncond_fn(z, logsnr, t):
+        both = uncond(torch.cat([z, z]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)]))
+        c, u = both.chunk(2)
+        return cfg_combine(c, u, sampler.guidance_scale)
+
+    views = [sampler.loop(uncond_fn, (B, 4, H, W), sched, "eps", generator=g)]
+    bound = sampler.bind(sched, "eps")
+    bound.set_timesteps(sampler.num_steps)
+    t_min = int(bound.timesteps[-1])  # the last step: no colour guidance there (official)
+    for j in range(1, 3):
+        prev = torch.stack(views, 1).clamp(-1, 1)  # [B, j, 4, H, W]
+        depths = denormalize_depth(prev[:, :, 3:], SAMPLE_NEAR, SAMPLE_FAR)
+        c2w_prev = cams[:j].expand(B, j, 4, 4)
+        c = aggregate_views(prev[:, :, :3], depths, K[:, None].expand(B, j, 3, 3), c2w_prev, K, cams[j].expand(B, 4, 4))
+        assert c.rgb.shape == (B, 3, H, W) and c.depth_convex.shape == (B, 1, H, W)
+
+        def cond_fn(z, logsnr, t, c=c):
+            x = conditional_input(z, c, generator=g)
+            both = cond_net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)]))
+            cc, uu = both.chunk(2)
+            eps = cfg_combine(cc, uu, sampler.guidance_scale)
+            return guide_eps(eps, z, logsnr, c, last_step=bool((t == t_min).all()))
+
+        views.append(sampler.loop(cond_fn, (B, 4, H, W), sched, "eps", generator=g))
+    out = torch.stack(views, 1)
+    assert out.shape == (B, 3, 4, H, W) and torch.isfinite(out).all()
