@@ -526,3 +526,72 @@ def test_iterative_sampling_pipeline_composes():
         views.append(sampler.loop(cond_fn, (B, 4, H, W), sched, "eps", generator=g))
     out = torch.stack(views, 1)
     assert out.shape == (B, 3, 4, H, W) and torch.isfinite(out).all()
+
+
+def _to_ivid_layout(sd, head_channels):
+    """genvs ADMUNet state dict -> the official AdmUnet2d key layout (independent inverse of the converter)."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}
+    out = {"time_embed.0.freqs": torch.zeros(1)}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "time_embed":
+            out[f"time_embed.{int(p[1]) + 1}.{p[2]}"] = v
+        elif p[0] in ("label_emb",):
+            out[k] = v
+        elif p[0] == "input_conv":
+            out[f"input_blocks.0.0.{p[1]}"] = v
+        elif p[0] in ("out_norm", "out_conv"):
+            out[f"out.{0 if p[0] == 'out_norm' else 2}.{p[1]}"] = v
+        else:
+            if p[0] == "down":
+                pre, rest = f"input_blocks.{int(p[1]) + 1}.{p[2]}", p[3:]
+            elif p[0] == "mid":
+                pre, rest = f"middle_block.{p[1]}", p[2:]
+            else:
+                pre, rest = f"output_blocks.{p[1]}.{p[2]}", p[3:]
+            if rest[0] in res:
+                out[f"{pre}.{res[rest[0]]}.{rest[1]}"] = v
+            else:
+                name = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}[rest[0]]
+                if rest[0] in ("qkv", "proj") and v.ndim == 4:
+                    v = v[..., 0]
+                if rest[0] == "qkv":
+                    C = v.shape[0] // 3
+                    v = v.reshape(3, C // head_channels, head_channels, *v.shape[1:]).transpose(0, 1).reshape(3 * C, *v.shape[1:])
+                out[f"{pre}.{name}.{rest[1]}"] = v
+    return out
+
+
+def test_official_checkpoint_conversion():
+    from genvs.methods.warping.network import Attention, convert_ivid_state_dict
+
+    u = _randomize(_tiny_unet())
+    official = _to_ivid_layout(u.state_dict(), 8)
+    assert "input_blocks.0.0.weight" in official and "middle_block.1.qkv.weight" in official
+    v = _tiny_unet()
+    v.load_state_dict(convert_ivid_state_dict(official, num_head_channels=8), strict=True)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 800])
+    torch.testing.assert_close(v(x, t, torch.tensor([0, -1])), u(x, t, torch.tensor([0, -1])))
+
+    # the attention of the official layout (QKV interleaved per head, Conv1d), written out here, equals
+    # genvs' attention on the converted weights
+    C, hc, T = 32, 8, 36
+    torch.manual_seed(1)
+    qkv_w, qkv_b = torch.randn(3 * C, C, 1) * 0.2, torch.randn(3 * C) * 0.1
+    proj_w, proj_b = torch.randn(C, C, 1) * 0.2, torch.randn(C) * 0.1
+    x = torch.randn(2, C, 6, 6)
+    gn = torch.nn.GroupNorm(8, C)
+    h = gn(x).reshape(2, C, T)
+    qkv = F.conv1d(h, qkv_w, qkv_b).reshape(2 * (C // hc), 3 * hc, T)
+    q, k, vv = qkv.split(hc, dim=1)
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(hc), dim=-1)
+    a = torch.einsum("bts,bcs->bct", w, vv).reshape(2, C, T)
+    ref = x + F.conv1d(a, proj_w, proj_b).reshape(2, C, 6, 6)
+    conv = convert_ivid_state_dict(
+        {"middle_block.1.norm.weight": gn.weight, "middle_block.1.norm.bias": gn.bias, "middle_block.1.qkv.weight": qkv_w,
+         "middle_block.1.qkv.bias": qkv_b, "middle_block.1.proj_out.weight": proj_w, "middle_block.1.proj_out.bias": proj_b},
+        num_head_channels=hc,
+    )
+    att = Attention(C, hc, 8)
+    att.load_state_dict({k.split(".", 2)[2]: v for k, v in conv.items()})
+    torch.testing.assert_close(att(x), ref, atol=1e-5, rtol=1e-4)

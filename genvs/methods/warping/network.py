@@ -28,6 +28,7 @@ __all__ = [
     "WarpCondition",
     "conditional_input",
     "conditional_from_unconditional",
+    "convert_ivid_state_dict",
     "drop_class_labels",
     "RGBD_CHANNELS",
     "CONDITIONAL_IN_CHANNELS",
@@ -295,3 +296,68 @@ def conditional_input(z: Tensor, cond: WarpCondition, generator: torch.Generator
     rgb = cond.rgb.to(z.dtype) * m_rgb + noise[:, :3] * (1 - m_rgb)
     depth = cond.depth.to(z.dtype) * m + noise[:, 3:] * (1 - m)
     return torch.cat([z, m_rgb, rgb, depth, m], dim=1)
+
+
+# ------------------------------------------------------------------------------- official checkpoints
+def convert_ivid_state_dict(state_dict: dict[str, Tensor], num_head_channels: int = 64) -> dict[str, Tensor]:
+    """Map an official ivid ``AdmUnet2d`` state dict (e.g. ``imagenet128_uncond.pt``) to `ADMUNet` keys.
+
+    Module paths correspond one to one (``input_blocks.0.0`` is ``input_conv``, ``input_blocks.{i+1}`` is
+    ``down.{i}``, ``middle_block`` is ``mid``, ``output_blocks`` is ``up``, ``out.0``/``out.2`` are
+    ``out_norm``/``out_conv``); residual blocks rename their layers; attention ``qkv`` weights are
+    reordered from the official per-head interleaved ``[q_h, k_h, v_h]`` layout to genvs' ``[q, k, v]``
+    blocks and 1-D convolutions become 1x1 2-D ones. Load the official file with
+    ``torch.load(path, map_location="cpu", weights_only=True)``.
+    """
+    res_names = {
+        "in_layers.0": "norm1",
+        "in_layers.2": "conv1",
+        "emb_layers.1": "emb",
+        "out_layers.0": "norm2",
+        "out_layers.3": "conv2",
+        "skip_connection": "skip",
+    }
+    out: dict[str, Tensor] = {}
+    for key, v in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "time_embed":
+            if parts[1] == "0":  # PosEncoding's frequency buffer: recomputed by genvs
+                continue
+            out[f"time_embed.{int(parts[1]) - 1}.{parts[2]}"] = v
+            continue
+        if parts[0] == "label_emb":
+            out[key] = v
+            continue
+        if parts[0] == "out":
+            out[{"0": "out_norm", "2": "out_conv"}[parts[1]] + "." + parts[2]] = v
+            continue
+        if parts[0] == "input_blocks" and parts[1] == "0":
+            out["input_conv." + parts[3]] = v
+            continue
+        if parts[0] == "input_blocks":
+            prefix = f"down.{int(parts[1]) - 1}.{parts[2]}"
+            rest = parts[3:]
+        elif parts[0] == "middle_block":
+            prefix, rest = f"mid.{parts[1]}", parts[2:]
+        elif parts[0] == "output_blocks":
+            prefix, rest = f"up.{parts[1]}.{parts[2]}", parts[3:]
+        else:
+            raise KeyError(f"unexpected key {key!r} in an ivid AdmUnet2d state dict")
+        sub = ".".join(rest[:-1])
+        name = rest[-1]
+        if sub in res_names:
+            out[f"{prefix}.{res_names[sub]}.{name}"] = v
+        elif sub in ("norm", "qkv", "proj_out"):
+            tgt = {"norm": "norm", "qkv": "qkv", "proj_out": "proj"}[sub]
+            if sub == "qkv":
+                C3 = v.shape[0]
+                C = C3 // 3
+                heads = C // num_head_channels
+                # official rows: (head, {q,k,v}, c); genvs rows: ({q,k,v}, head, c)
+                v = v.reshape(heads, 3, num_head_channels, *v.shape[1:]).transpose(0, 1).reshape(C3, *v.shape[1:])
+            if v.ndim == 3:  # Conv1d weight [out, in, 1] -> Conv2d [out, in, 1, 1]
+                v = v[..., None]
+            out[f"{prefix}.{tgt}.{name}"] = v
+        else:
+            raise KeyError(f"unexpected key {key!r} in an ivid AdmUnet2d state dict")
+    return out
