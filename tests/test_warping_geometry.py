@@ -27,13 +27,6 @@ from genvs.core.geometry import (
 H = W = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small ops are latency bound; one intra-op thread avoids OpenMP contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 SPHERES = [((0.0, 0.0, 1.6), 0.45), ((-0.35, 0.25, 1.1), 0.15)]
 
 

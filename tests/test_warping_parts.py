@@ -40,13 +40,6 @@ from genvs.methods.warping.network import (
 S = 24  # image size for pair tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small ops are latency bound; one intra-op thread avoids OpenMP contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _smooth_rgbd(B=2, H=S, W=S):

@@ -1,5 +1,6 @@
 """Datasets and datamodules."""
 
+from genvs.data.images import ImageFolderDataModule
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import ToyConfig, generate_toy_dataset
@@ -9,6 +10,7 @@ __all__ = [
     "NVSDataModule",
     "SRNDataModule",
     "ToyDataModule",
+    "ImageFolderDataModule",
     "DatasetError",
     "SRNScenes",
     "ToyConfig",

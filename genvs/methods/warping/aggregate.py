@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genvs.core.cameras import pivot_viewset
 from genvs.core.diffusion import predict_x0_eps
 from genvs.core.geometry import depth_edges, depth_normals, pixels_to_grid, rasterize_depth_mesh, unproject_depth
-from genvs.methods.warping.augment import erode_mask, orbit_camera
+from genvs.methods.warping.augment import erode_mask
 from genvs.methods.warping.depth import SAMPLE_FAR, SAMPLE_NEAR, normalize_depth
 from genvs.methods.warping.network import WarpCondition
 
@@ -191,12 +192,9 @@ def viewset(kind: str = "3x9", step: float = 0.15) -> Tensor:
     """Camera sets of the official sampling script, OpenCV c2w ``[V, 4, 4]`` relative to the first view.
 
     ``"3x9"``: yaws 0, +-0.15, ..., +-0.6 and pitches 0, +-0.15 (27 views, generation order as official:
-    yaw-major, 0 first then alternating sides), orbiting the pivot 1 unit ahead at radius 1.
+    yaw-major, 0 first then alternating sides), orbiting the pivot 1 unit ahead at radius 1
+    (`genvs.core.cameras.pivot_viewset`, which also has a ``swing`` loop and a ``sweep``).
     """
     if kind != "3x9":
-        raise ValueError(f"viewset({kind!r}): only '3x9' is defined; build others with augment.orbit_camera")
-    yaws = [0.0] + [s * (i + 1) * step for i in range(4) for s in (1, -1)]
-    pitches = [0.0, step, -step]
-    yaw = torch.tensor([y for y in yaws for _ in pitches])
-    pitch = torch.tensor([p for _ in yaws for p in pitches])
-    return orbit_camera(yaw, pitch, 1.0)
+        raise ValueError(f"viewset({kind!r}): only '3x9' is defined; see genvs.core.cameras.pivot_viewset")
+    return pivot_viewset("3x9", step=step)

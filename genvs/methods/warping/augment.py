@@ -19,20 +19,20 @@ with the image's up direction; depth is in the normalised units of `genvs.method
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genvs.core.cameras import intrinsics_from_fov, look_at
+from genvs.core.cameras import intrinsics_from_fov, orbit_camera
+from genvs.core.config import Configurable
 from genvs.core.geometry import forward_warp
 from genvs.methods.warping.depth import TRAIN_FAR, TRAIN_NEAR, denormalize_depth, normalize_depth
 from genvs.methods.warping.network import WarpCondition
 
 __all__ = [
-    "orbit_camera",
+    "orbit_camera",  # re-exported from genvs.core.cameras
     "random_orbit_cameras",
     "forward_backward_warp",
     "gaussian_blur3",
@@ -43,24 +43,6 @@ __all__ = [
 ]
 
 OFFICIAL_FOV_DEG = 45.0
-
-
-def orbit_camera(yaw: Tensor, pitch: Tensor, radius: Tensor | float = 1.0, target: Tensor | None = None, pivot: float = 1.0) -> Tensor:
-    """OpenCV c2w ``[..., 4, 4]`` of cameras orbiting a pivot ``pivot`` units in front of the identity camera.
-
-    ``yaw`` turns right (the camera moves to +x), ``pitch`` up (the camera moves to -y); ``radius`` is
-    the distance to the pivot; ``target`` an optional ``[..., 3]`` offset of the look-at point from the pivot.
-    ``yaw = pitch = 0``, ``radius = pivot`` and no offset give the identity.
-    """
-    yaw, pitch = torch.as_tensor(yaw, dtype=torch.float32), torch.as_tensor(pitch, dtype=torch.float32)
-    radius = torch.as_tensor(radius, dtype=torch.float32, device=yaw.device)
-    center = yaw.new_tensor([0.0, 0.0, pivot])
-    direction = torch.stack(
-        [torch.cos(pitch) * torch.sin(yaw), -torch.sin(pitch), -torch.cos(pitch) * torch.cos(yaw)], dim=-1
-    )
-    eye = center + radius[..., None] * direction
-    look = center.expand_as(eye) if target is None else center + target
-    return look_at(eye, look, up=yaw.new_tensor([0.0, -1.0, 0.0]))
 
 
 def random_orbit_cameras(
@@ -151,13 +133,13 @@ class WarpPair:
     c2w: Tensor  # [B, 4, 4] the random cameras used (relative to the image's camera)
 
 
-class TrainingPairs:
+class TrainingPairs(Configurable):
     """Builds `WarpPair` batches from RGBD images (the official ``WarpDataset``, vectorised on tensors).
 
     Args mirror the official defaults: camera distribution (``yaw_std``, ``pitch_std``, ``radius_std``,
-    ``target_std``, ``pivot``), depth normalisation (``near``, ``far``), ``fov_deg`` for images without
-    intrinsics, augmentations (``prewarp_noise``, ``blur_prob``, ``erode_sizes``), and the warp
-    (``supersample``, ``atol``, ``rtol``).
+    ``target_std``, ``pivot``: the distance to the orbited point, in depth units), ``fov_deg`` for images
+    without intrinsics, augmentations (``prewarp_noise``, ``blur_prob``, ``erode_sizes``), and the warp
+    (``supersample``, ``atol``, ``rtol``). The depth normalisation is an argument of each call.
     """
 
     def __init__(
@@ -167,8 +149,6 @@ class TrainingPairs:
         radius_std: float = 0.1,
         target_std: float = 0.05,
         pivot: float = 1.0,
-        near: float = TRAIN_NEAR,
-        far: float = TRAIN_FAR,
         fov_deg: float = OFFICIAL_FOV_DEG,
         prewarp_noise: float = 0.005,
         blur_prob: float = 0.8,
@@ -184,7 +164,7 @@ class TrainingPairs:
             target_std,
             pivot,
         )
-        self.near, self.far, self.fov_deg = near, far, fov_deg
+        self.fov_deg = fov_deg
         self.prewarp_noise, self.blur_prob, self.erode_sizes = prewarp_noise, blur_prob, tuple(erode_sizes)
         self.supersample, self.atol, self.rtol = supersample, atol, rtol
 
@@ -196,11 +176,14 @@ class TrainingPairs:
         K: Tensor | None = None,
         c2w: Tensor | None = None,
         generator: torch.Generator | None = None,
+        near: float = TRAIN_NEAR,
+        far: float = TRAIN_FAR,
     ) -> WarpPair:
         """``images [B, 3, H, W]`` in [-1, 1], z-depth ``[B, 1, H, W]`` (normalised units) -> `WarpPair`.
 
         ``K [B, 3, 3]`` defaults to a ``fov_deg`` pinhole; ``c2w [B, 4, 4]`` (novel cameras relative to the
-        image's) defaults to `random_orbit_cameras`.
+        image's) defaults to `random_orbit_cameras`; ``near``/``far`` are the depth normalisation (the
+        LightningModule passes its own, so that both models see one encoding).
         """
         if images.ndim != 4 or images.shape[1] != 3 or depth.shape != (images.shape[0], 1, *images.shape[-2:]):
             raise ValueError(
@@ -216,7 +199,7 @@ class TrainingPairs:
                 B, self.yaw_std, self.pitch_std, self.radius_std, self.target_std, self.pivot, generator, dev
             )
         images = images.float()
-        depth_n = normalize_depth(depth, self.near, self.far)  # [-1, 1]
+        depth_n = normalize_depth(depth, near, far)  # [-1, 1]
         target = torch.cat([images, depth_n], dim=1)
 
         # pre-warp noise on [0, 1]-scaled RGB and depth (std 0.005 u there, 0.01 u in [-1, 1])
@@ -226,14 +209,14 @@ class TrainingPairs:
             x = x + torch.randn(x.shape, **g) * std
         warp_rgb, warp_depth, mask = forward_backward_warp(
             x[:, :3],
-            denormalize_depth(x[:, 3:], self.near, self.far),
+            denormalize_depth(x[:, 3:], near, far),
             K,
             c2w,
             supersample=self.supersample,
             atol=self.atol,
             rtol=self.rtol,
         )
-        cond_depth = normalize_depth(warp_depth, self.near, self.far) * mask
+        cond_depth = normalize_depth(warp_depth, near, far) * mask
         rgb = warp_rgb
         if self.blur_prob > 0:
             blur = torch.rand(B, **g) < self.blur_prob

@@ -34,6 +34,8 @@ __all__ = [
     "DPT",
     "DPTDepthEstimator",
     "TorchHubDepthEstimator",
+    "TransformersDepthEstimator",
+    "load_depth_estimator",
     "DepthWeightsNotFound",
 ]
 
@@ -317,3 +319,99 @@ class TorchHubDepthEstimator(nn.Module):
         disp = disp[:, None] if disp.ndim == 3 else disp
         disp = F.interpolate(disp.float(), size=(H, W), mode="bicubic", align_corners=False).clamp_min(0)
         return disparity_to_depth(disp, self.disparity_scale, self.near)
+
+
+class TransformersDepthEstimator(nn.Module):
+    """`DepthEstimator` around a Hugging Face ``transformers`` depth model in a LOCAL directory.
+
+    Any ``AutoModelForDepthEstimation`` checkpoint whose ``predicted_depth`` is a relative disparity works:
+    ``Intel/dpt-beit-large-512`` is the transformers port of MiDaS v3.1 ``dpt_beit_large_512``, the model the
+    official code used, whose disparity scale the official ``1 / 6250`` (`disparity_to_depth`) assumes;
+    ``Intel/dpt-large`` and ``Intel/dpt-hybrid-midas`` are the older MiDaS v3 DPTs. Download once, e.g.
+    ``huggingface-cli download Intel/dpt-beit-large-512 --local-dir weights/dpt-beit-large-512``; genvs
+    loads with ``local_files_only=True`` and never reaches the network.
+
+    Images are resized (bicubic) to a square ``input_size`` (default: the processor's or model's size), normalised
+    with the processor's mean/std (default 0.5/0.5), and the disparity is resized back. Feed square crops
+    (the image-folder datamodule does) to keep the aspect ratio.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        input_size: int | None = None,
+        disparity_scale: float = MIDAS_DISPARITY_SCALE,
+        near: float = TRAIN_NEAR,
+    ):
+        super().__init__()
+        directory = Path(model_dir).expanduser()
+        if not (directory / CONFIG_NAME).is_file():
+            raise DepthWeightsNotFound(
+                f"no transformers depth model in {directory} (expected {directory / CONFIG_NAME} and its weights). "
+                "Download one once, e.g. `huggingface-cli download Intel/dpt-beit-large-512 --local-dir "
+                f"{directory}` (the MiDaS model of the official code); genvs never downloads weights."
+            )
+        from transformers import AutoModelForDepthEstimation
+
+        self.net = AutoModelForDepthEstimation.from_pretrained(str(directory), local_files_only=True)
+        self.net = self.net.eval().requires_grad_(False)
+        mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
+        proc = directory / "preprocessor_config.json"
+        if proc.is_file():
+            pc = json.loads(proc.read_text())
+            mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+            sz = pc.get("size")
+            size = sz.get("height", sz.get("shortest_edge")) if isinstance(sz, dict) else sz
+        cfg_size = getattr(self.net.config, "image_size", None)
+        self.input_size = int(input_size or size or cfg_size or 384)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.disparity_scale, self.near = disparity_scale, near
+
+    @torch.no_grad()
+    def disparity(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"depth estimator expects images [B, 3, H, W] in [-1, 1], got {list(images.shape)}")
+        H, W = images.shape[-2:]
+        s = self.input_size
+        x = F.interpolate((images.float() + 1) / 2, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = (x - self.mean) / self.std
+        disp = self.net(pixel_values=x.to(next(self.net.parameters()).dtype)).predicted_depth
+        disp = disp[:, None] if disp.ndim == 3 else disp
+        return F.interpolate(disp.float(), size=(H, W), mode="bicubic", align_corners=False).clamp_min(0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return disparity_to_depth(self.disparity(images), self.disparity_scale, self.near)
+
+
+def load_depth_estimator(path: str | Path, hub_model: str = "DPT_BEiT_L_512", **kwargs) -> nn.Module:
+    """A `DepthEstimator` from a local directory, whichever kind it holds:
+
+    - a ``transformers`` depth model (``config.json`` with a ``model_type``) -> `TransformersDepthEstimator`;
+    - a genvs DPT export (``config.json`` with ``dpt``, from `DPTDepthEstimator.save_pretrained`) -> `DPTDepthEstimator`;
+    - a MiDaS torch.hub checkout (``hubconf.py``) -> `TorchHubDepthEstimator` with ``hub_model``.
+
+    ``kwargs`` go to the estimator (e.g. ``near``).
+    """
+    directory = Path(path).expanduser()
+    if (directory / "hubconf.py").is_file():
+        return TorchHubDepthEstimator(directory, hub_model, **kwargs)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise DepthWeightsNotFound(
+            f"no depth model at {directory}: expected {cfg_path} (a transformers depth model such as "
+            "Intel/dpt-beit-large-512 downloaded with `huggingface-cli download Intel/dpt-beit-large-512 --local-dir "
+            f"{directory}`, or a genvs DPTDepthEstimator export) or {directory / 'hubconf.py'} (a MiDaS checkout). "
+            "genvs never downloads weights."
+        )
+    cfg = json.loads(cfg_path.read_text())
+    if "dpt" in cfg:
+        est = DPTDepthEstimator.from_pretrained(directory)
+        for k, v in kwargs.items():
+            if k not in ("input_size", "disparity_scale", "near"):
+                raise TypeError(f"DPTDepthEstimator has no setting {k!r} (input_size, disparity_scale, near)")
+            setattr(est, k, v)
+        return est
+    if "model_type" in cfg:
+        return TransformersDepthEstimator(directory, **kwargs)
+    raise DepthWeightsNotFound(f"{cfg_path}: neither a transformers config (no 'model_type') nor a genvs DPT export (no 'dpt')")

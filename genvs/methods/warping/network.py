@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from genvs.core.config import Configurable
+
 __all__ = [
     "ADMUNet",
     "WarpCondition",
@@ -120,7 +122,7 @@ class _Seq(nn.ModuleList):
         return x
 
 
-class ADMUNet(nn.Module):
+class ADMUNet(Configurable, nn.Module):
     """ADM UNet with scale-shift norm, residual up/down-sampling and class conditioning.
 
     Args:
