@@ -317,9 +317,9 @@ def test_image_folder_depth_is_estimated_once_and_cached(image_folder, tmp_path,
     assert torch.isfinite(pred.images[:, :1]).all() and (pred.depth[:, 0] > 0).all()
     torch.testing.assert_close(pred.c2w[0, 1:], pivot_viewset("swing", 4))
 
-    other = DepthCache(tmp_path / "imgs" / "train_depth", 16)
+    dm.estimate_size = 64  # other estimator settings: the cache is refused, never mixed or overwritten
     with pytest.raises(DatasetError, match="Delete"):
-        other.check_meta({"estimator": "another"})  # never mixes depth from two estimators
+        dm.prepare_data()
 
 
 def test_depth_estimator_directories(tmp_path):

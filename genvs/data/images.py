@@ -372,6 +372,12 @@ class ImageFolderDataModule(NVSDataModule):
         needs = [("train", self.records("train")[0])]
         if self.predict_mode == "nvs":
             needs.append(("predict", self.records("predict")[0]))
+        meta = None
+        if self.depth_estimator is not None:
+            meta = {"estimator": Path(self.depth_estimator).expanduser().name, "estimate_size": self.estimate_size,
+                    "image_size": self.image_size, "format": 1}
+            for which, _ in needs:
+                self.cache(which).check_meta(meta)  # a cache made by another estimator is refused, never mixed
         todo = [(which, self.cache(which), recs) for which, recs in needs if self.cache(which).missing(recs)]
         if not todo:
             return
@@ -391,10 +397,7 @@ class ImageFolderDataModule(NVSDataModule):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         estimator = load_depth_estimator(self.depth_estimator, hub_model=self.depth_hub_model).to(device)
-        meta = {"estimator": Path(self.depth_estimator).expanduser().name, "estimate_size": self.estimate_size,
-                "image_size": self.image_size, "format": 1}
         for which, cache, recs in todo:
-            cache.check_meta(meta)
             cache.compute(recs, estimator, self.estimate_size, self.estimator_batch_size, device)
 
     # ------------------------------------------------------------------------------ datasets
