@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,15 @@ from torchvision.utils import make_grid, save_image
 
 from genvs.core.views import Views
 
-__all__ = ["views_grid", "save_gif", "colorize_depth", "PredictionWriter", "AtomicCheckpointIO"]
+__all__ = [
+    "views_grid",
+    "save_gif",
+    "colorize_depth",
+    "PredictionWriter",
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "check_checkpoint",
+]
 
 
 def _to_unit(x: Tensor) -> Tensor:
@@ -130,9 +140,49 @@ class PredictionWriter(L.Callback):
                 save_gif(pred.images[b], folder / "orbit.gif", self.fps)
 
 
+class CheckpointError(RuntimeError):
+    pass
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise `CheckpointError` naming the file if it is missing, truncated or not a torch checkpoint.
+
+    torch checkpoints are zip archives; a truncated copy fails the archive's own CRC checks, which are
+    verified here before anything is loaded (so nothing is ever loaded half-way).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupt ({e}); it cannot be loaded. "
+            "Resume from an earlier checkpoint (e.g. the previous one in the same checkpoints/ folder)."
+        ) from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: member {bad!r} fails its CRC check; use an earlier checkpoint")
+    return path
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file in the same folder, flushed, then renamed over the
-    target: a run killed mid-write leaves the previous checkpoint intact, never a truncated one."""
+    target: a run killed mid-write leaves the previous checkpoint intact, never a truncated one.
+    Loading verifies the file first (`check_checkpoint`) and unpickles with ``weights_only=True``: a
+    checkpoint that would run code is refused."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint(path)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains objects that would run code when unpickled ({e}). "
+                "genvs checkpoints hold plain data only; only load this file if you trust its source, with "
+                "torch.load(path, weights_only=False) in your own code."
+            ) from None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         path = Path(path)

@@ -6,6 +6,7 @@ model is any `BaseNVSModel` subclass and the data any `NVSDataModule` subclass, 
 default, nested components included. Extra commands:
 
 - ``genvs data toy --root data/toy [--toy.seed 0 --toy.resolution 64 ...]`` renders the procedural dataset;
+- ``genvs table results/*.json [--out comparison]`` merges ``genvs test`` results into one comparison table;
 - ``genvs methods`` lists the built-in and plugin methods.
 
 `main` takes an argument list so tests and notebooks can run it in-process.
@@ -16,24 +17,30 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter
+from genvs.callbacks import PredictionWriter, check_checkpoint
 from genvs.core.model import BaseNVSModel
 from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
+from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
+from genvs.eval.evaluator import EvalConfig
 
 __all__ = ["GenvsCLI", "main", "run"]
 
 
 class GenvsCLI(LightningCLI):
-    """LightningCLI with genvs defaults: precision chosen per device (below), atomic checkpoints
-    (``last.ckpt`` kept), a rich progress bar, LR monitoring, and a prediction writer
-    (``--predict_writer.output_dir``).
+    """LightningCLI with genvs defaults: precision chosen per device (below), atomic checkpoints every
+    500 steps plus ``last.ckpt`` (``--checkpoint.*`` configures them), a rich progress bar, LR monitoring,
+    and a prediction writer (``--predict_writer.output_dir``).
+
+    ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under ``trainer.default_root_dir`` (a new
+    run writes to a new version folder, so nothing of the old run is overwritten); any checkpoint is
+    verified before it is loaded, and loaded with ``weights_only=True``.
 
     ``trainer.precision: null`` (the default) picks ``bf16-mixed`` on CUDA GPUs with bf16 support and
     ``32-true`` elsewhere: on CPUs without AVX-512-BF16/AMX (e.g. AVX2-only machines) oneDNN has no fast
@@ -42,14 +49,35 @@ class GenvsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_argument(
+            "--sampler",
+            type=Optional[Sampler],
+            default=None,
+            help="Sample with this sampler instead of the model's (e.g. other steps or scheduler at test time; "
+            "a checkpoint's saved hyperparameters otherwise decide the model's sampler).",
+        )
+        parser.add_argument("--evaluation", type=EvalConfig, default=EvalConfig(), help="How validation/test score samples.")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if not self.subcommand:
+            return
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("sampler") is not None:
+            self.model.sampler = cfg["sampler"]
+        if cfg.get("evaluation") is not None:
+            self.model.evaluation = cfg["evaluation"]
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        # a rich progress bar unless the user turned progress bars off or brought their own
-        cbs = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in [*callbacks, *cbs]
-        ):
+        # a rich progress bar unless the user turned progress bars off or brought their own; LR
+        # monitoring whenever there is a logger to write it to
+        cbs = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in cbs):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
+        if config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in cbs):
+            callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
@@ -57,6 +85,29 @@ class GenvsCLI(LightningCLI):
         trainer = cfg.get("trainer")
         if trainer is not None and trainer.get("precision") is None:
             trainer["precision"] = default_precision(trainer.get("accelerator"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and verify the checkpoint before Lightning reads its hyperparameters."""
+        sub = self.config.get("subcommand")
+        if sub:
+            cfg = self.config[sub]
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last":
+                root = cfg.get("trainer", {}).get("default_root_dir") or "."
+                cfg["ckpt_path"] = ckpt = find_last_checkpoint(root)
+                if ckpt is None:
+                    print(f"genvs: --ckpt_path last: no checkpoint under {root} yet; starting from scratch")
+                else:
+                    print(f"genvs: resuming from {ckpt}")
+            if ckpt is not None:
+                check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
+
+def find_last_checkpoint(root: str) -> str | None:
+    """The newest ``last.ckpt`` under ``root`` (every version folder), or ``None``."""
+    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
 
 
 def default_precision(accelerator: str | None = "auto") -> str:
@@ -73,10 +124,6 @@ def _trainer_defaults() -> dict[str, Any]:
     return {
         "precision": None,
         "plugins": [{"class_path": "genvs.callbacks.AtomicCheckpointIO"}],
-        "callbacks": [
-            ModelCheckpoint(save_last=True, save_top_k=1),
-            LearningRateMonitor(logging_interval="step"),
-        ],
     }
 
 
@@ -148,6 +195,25 @@ def _data_command(argv: list[str]) -> int:
     return 0
 
 
+def _table_command(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from genvs.eval.tables import DEFAULT_COMPARISON_METRICS, merge_results
+
+    parser = ArgumentParser(prog="genvs table", description="Merge `genvs test` results into one comparison table.")
+    parser.add_argument("results", nargs="+", help="result JSON files or folders of them")
+    parser.add_argument("--metrics", type=list[str], default=list(DEFAULT_COMPARISON_METRICS))
+    parser.add_argument("--rows", type=list[str], default=["method"], help="columns that identify a row")
+    parser.add_argument("--out", default=None, help="also write <out>.md, .csv and .json")
+    cfg = parser.parse_args(argv)
+    table = merge_results(cfg.results, metrics=cfg.metrics, row_by=tuple(cfg.rows))
+    print(table.to_markdown())
+    if cfg.out:
+        for path in table.save(cfg.out).values():
+            print(f"genvs: wrote {path}")
+    return 0
+
+
 def _methods_command(argv: list[str]) -> int:
     errors = import_all()
     for name, target in sorted(available_methods().items()):
@@ -156,7 +222,7 @@ def _methods_command(argv: list[str]) -> int:
     return 0
 
 
-EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command}
+EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command, "table": _table_command}
 
 
 def main(args: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ __all__ = [
     "orbit_poses",
     "sphere_poses",
     "ring_poses",
+    "orbit_around",
     "opengl_to_opencv",
     "orbit_camera",
     "pivot_viewset",
@@ -168,6 +169,22 @@ def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, p
     eye = torch.tensor(position, dtype=torch.float32).expand(n, 3)
     target = eye + _spherical(torch.ones(n), yaw, pitch)
     return look_at(eye, target)
+
+
+def orbit_around(c2w: Tensor, n: int, axis=(0.0, 0.0, 1.0), center=(0.0, 0.0, 0.0), degrees: float = 360.0) -> Tensor:
+    """``[n, 4, 4]`` cameras made by rotating camera ``c2w [4, 4]`` about the line through ``center``
+    along ``axis`` in ``n`` equal steps over ``degrees`` (the first is ``c2w`` itself). Elevation and roll
+    of the starting camera are kept, whatever the dataset's up convention."""
+    a = F.normalize(torch.as_tensor(axis, dtype=c2w.dtype), dim=0)
+    c = torch.as_tensor(center, dtype=c2w.dtype)
+    theta = torch.arange(n, dtype=c2w.dtype) * math.radians(degrees) / n
+    Kx = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], dtype=c2w.dtype)
+    eye = torch.eye(3, dtype=c2w.dtype)
+    R = eye + torch.sin(theta)[:, None, None] * Kx + (1 - torch.cos(theta))[:, None, None] * (Kx @ Kx)  # Rodrigues
+    out = c2w.expand(n, 4, 4).clone()
+    out[:, :3, :3] = R @ c2w[:3, :3]
+    out[:, :3, 3] = (R @ (c2w[:3, 3] - c)[:, None]).squeeze(-1) + c
+    return out
 
 
 def opengl_to_opencv(c2w: Tensor) -> Tensor:

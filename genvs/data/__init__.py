@@ -2,6 +2,7 @@
 
 from genvs.data.images import ImageFolderDataModule
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
+from genvs.data.single import ImageOrbitDataModule
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import ToyConfig, generate_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
@@ -11,6 +12,7 @@ __all__ = [
     "SRNDataModule",
     "ToyDataModule",
     "ImageFolderDataModule",
+    "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
     "ToyConfig",

@@ -7,17 +7,43 @@ evaluation loaders shard without repeating scenes, so every scene is scored exac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from genvs.core.cameras import orbit_around
 from genvs.core.views import Views
 from genvs.data.srn import SRNScenes
 from genvs.data.toy import ToyConfig, ensure_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
 
-__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule"]
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate"]
+
+
+class EpochSampler(DistributedSampler):
+    """Training order: a permutation that is a pure function of ``(seed, epoch)``, sharded over DDP ranks,
+    that can start part-way through an epoch. Lightning keeps it as is under DDP (it is a
+    `DistributedSampler`) and calls `set_epoch`; the epoch is forwarded to the dataset so per-example
+    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, drop_last: bool = True):
+        single = {} if dist.is_available() and dist.is_initialized() else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=True, seed=seed, drop_last=drop_last, **single)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = epoch
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter(order)
 
 
 class NVSDataModule(L.LightningDataModule):
@@ -32,6 +58,9 @@ class NVSDataModule(L.LightningDataModule):
         num_workers: data-loading processes.
         val_protocol / test_protocol / predict_protocol: which views evaluation conditions on and scores.
         load_depth: load depth maps where the dataset has them.
+        predict_orbit: ``genvs predict`` renders this many cameras orbiting each scene (starting at its
+            first context camera, about ``orbit_axis`` through ``orbit_center``) instead of the protocol's
+            target views; ``0`` keeps the protocol's targets (with their ground truth).
     """
 
     def __init__(
@@ -46,6 +75,9 @@ class NVSDataModule(L.LightningDataModule):
         test_protocol: EvalProtocol = EvalProtocol(input_views=[64]),
         predict_protocol: EvalProtocol = EvalProtocol(input_views=[0], num_scenes=4, num_targets=8),
         load_depth: bool = True,
+        predict_orbit: int = 0,
+        orbit_axis: tuple[float, float, float] = (0.0, 0.0, 1.0),
+        orbit_center: tuple[float, float, float] = (0.0, 0.0, 0.0),
     ):
         super().__init__()
         self.n_context, self.n_target = n_context, n_target
@@ -55,7 +87,14 @@ class NVSDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_protocol, self.test_protocol, self.predict_protocol = val_protocol, test_protocol, predict_protocol
         self.load_depth = load_depth
+        self.predict_orbit = predict_orbit
+        self.orbit_axis, self.orbit_center = tuple(orbit_axis), tuple(orbit_center)
         self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def name(self) -> str:
+        """Dataset name used in results tables."""
+        return type(self).__name__.removesuffix("DataModule").lower()
 
     def scene_source(self, split: str) -> SceneSource:
         """The scenes of ``split`` ('train', 'val' or 'test'). Subclasses implement this."""
@@ -67,9 +106,12 @@ class NVSDataModule(L.LightningDataModule):
             protocol = {"fit": None, "validate": self.val_protocol, "test": self.test_protocol}.get(
                 stage, self.predict_protocol
             )
-            self._datasets[stage] = MultiViewDataset(
+            dataset = MultiViewDataset(
                 self.scene_source(split), self.n_context, self.n_target, self.image_size, protocol, self.load_depth
             )
+            if stage == "predict" and self.predict_orbit > 0:
+                dataset = OrbitTargets(dataset, self.predict_orbit, self.orbit_axis, self.orbit_center)
+            self._datasets[stage] = dataset
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:
@@ -85,14 +127,40 @@ class NVSDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,  # tiny datasets still give one batch
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and shuffle,
-            collate_fn=Views.collate,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("fit", self.batch_size, shuffle=True)
+        """Shuffled by an `EpochSampler`; on resume it starts where the checkpointed run stopped."""
+        dataset = self.dataset("fit")
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if hasattr(dataset, "seed"):
+            dataset.seed = seed
+        sampler = EpochSampler(dataset, seed=seed)
+        trainer = self.trainer
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.start = self._batches_done_this_epoch(trainer) * self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
+            collate_fn=collate,
+        )
+
+    @staticmethod
+    def _batches_done_this_epoch(trainer: L.Trainer) -> int:
+        """Training batches of the current epoch that a restored checkpoint already consumed."""
+        loop = trainer.fit_loop
+        if not loop.restarting:
+            return 0
+        # `ready` counts the batches of this epoch that had started when the checkpoint was written; a
+        # checkpoint written in on_train_batch_end already contains that batch's update
+        return loop.epoch_loop.batch_progress.current.ready
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validate", self.eval_batch_size, shuffle=False)
@@ -102,6 +170,31 @@ class NVSDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.eval_batch_size, shuffle=False)
+
+
+def collate(items: list) -> Views | tuple[Views, Views]:
+    """Batch `Views` examples, or ``(context, targets)`` pairs whose targets may be cameras only."""
+    if isinstance(items[0], tuple):
+        return Views.collate([c for c, _ in items]), Views.collate([t for _, t in items])
+    return Views.collate(items)
+
+
+class OrbitTargets(Dataset):
+    """Wraps an evaluation dataset: each scene's context views, with an orbit of cameras as targets."""
+
+    def __init__(self, dataset: Dataset, num_views: int, axis=(0.0, 0.0, 1.0), center=(0.0, 0.0, 0.0)):
+        self.dataset, self.num_views, self.axis, self.center = dataset, num_views, axis, center
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Views, Views]:
+        context = self.dataset[i].context
+        c2w = orbit_around(context.c2w[0, 0], self.num_views, self.axis, self.center)[None]
+        K = context.K[:, :1].expand(1, self.num_views, 3, 3).clone()
+        index = torch.arange(self.num_views)[None]
+        targets = Views(None, K, c2w, scene=context.scene, index=index, size=(context.H, context.W))
+        return context, targets
 
 
 class SRNDataModule(NVSDataModule):
@@ -114,6 +207,10 @@ class SRNDataModule(NVSDataModule):
     def __init__(self, root: str = "data/srn_cars", **kwargs):
         super().__init__(**kwargs)
         self.root = root
+
+    @property
+    def name(self) -> str:
+        return Path(self.root).name
 
     def scene_source(self, split: str) -> SceneSource:
         return SRNScenes(self.root, split)

@@ -5,7 +5,8 @@ provides ``len()``, ``scenes[i].scene_id``, ``scenes[i].num_views`` and ``load(i
 dict with ``images [V, 3, H, W]`` in [-1, 1], ``K``, ``c2w`` and optionally ``depth``/``mask``.
 `MultiViewDataset` turns it into `Views` examples:
 
-- training: ``n_context + n_target`` distinct views drawn at random per scene and epoch;
+- training: ``n_context + n_target`` distinct views drawn at random per scene and epoch, as a function of
+  ``(seed, epoch, index)`` so that a resumed run draws exactly what an uninterrupted one would;
 - evaluation: an `EvalProtocol` fixes the context views (pixelNeRF's SRN protocol conditions on view
   64) and takes the other views as targets, all of them or an evenly spaced subset, so every run
   evaluates exactly the same images.
@@ -66,12 +67,15 @@ class MultiViewDataset(Dataset):
         image_size: int | tuple[int, int] | None = None,
         protocol: EvalProtocol | None = None,
         load_depth: bool = True,
+        seed: int = 0,
     ):
         self.source = source
         self.n_context, self.n_target = n_context, n_target
         self.image_size = image_size
         self.protocol = protocol
         self.load_depth = load_depth
+        self.seed = seed
+        self.epoch = 0  # set by `genvs.data.module.EpochSampler` so view draws are a function of (seed, epoch, i)
         n = len(source)
         if protocol is not None:
             n = n if protocol.num_scenes is None else min(n, protocol.num_scenes)
@@ -98,8 +102,9 @@ class MultiViewDataset(Dataset):
     def views_of(self, i: int) -> tuple[list[int], int]:
         """(view indices, number of context views) of example ``i``."""
         nv = self.source.scenes[i].num_views
-        if self.protocol is None:
-            pick = torch.randperm(nv)[: self.n_context + self.n_target].tolist()
+        if self.protocol is None:  # deterministic in (seed, epoch, i): resumed runs draw the same views
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            pick = torch.randperm(nv, generator=g)[: self.n_context + self.n_target].tolist()
             return pick, self.n_context
         return list(self.protocol.input_views) + self.protocol.targets(nv), len(self.protocol.input_views)
 
