@@ -76,11 +76,6 @@ def colorize_depth(depth: Tensor) -> Tensor:
     return rgb[:, 0].permute(0, 3, 1, 2)
 
 
-def _has_images(images: Tensor | None) -> bool:
-    """Real images (trajectories without ground truth carry NaN placeholders, generation carries none)."""
-    return images is not None and images.shape[1] > 0 and bool(torch.isfinite(images).all())
-
-
 class PredictionWriter(L.Callback):
     """Writes what `genvs predict` generates, one folder per scene::
 
@@ -119,22 +114,20 @@ class PredictionWriter(L.Callback):
             scene = (pred.scene or context.scene or [""] * pred.B)[b] or f"batch{batch_idx:05d}_{b:03d}"
             folder = root / scene
             folder.mkdir(parents=True, exist_ok=True)
-            ctx = context.images[b : b + 1] if _has_images(context.images) else None  # None: pure generation
-            for v in range(context.V if ctx is not None else 0):
+            has_context = context.images is not None and context.V > 0  # pure generation has no input view
+            for v in range(context.V if has_context else 0):
                 idx = int(context.index[b, v]) if context.index is not None else v
                 save_image(_to_unit(context.images[b, v]), folder / f"context_{idx:04d}.png")
-            tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
-            tgt = tgt if _has_images(tgt) else None  # no ground truth: generation or unposed trajectories
             depth = colorize_depth(pred.depth[b]) if pred.depth is not None else None
             for v in range(pred.V):
                 idx = int(pred.index[b, v]) if pred.index is not None else v
                 save_image(_to_unit(pred.images[b, v]), folder / f"view_{idx:04d}.png")
                 if depth is not None:
                     save_image(depth[v], folder / f"depth_{idx:04d}.png")
-                if tgt is not None:
-                    save_image(_to_unit(tgt[0, v]), folder / f"gt_{idx:04d}.png")
-            if ctx is None:
-                ctx = pred.images.new_zeros(1, 0, *pred.images.shape[2:])
+                if target is not None and target.images is not None:
+                    save_image(_to_unit(target.images[b, v]), folder / f"gt_{idx:04d}.png")
+            tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
+            ctx = context.images[b : b + 1] if has_context else pred.images.new_zeros(1, 0, *pred.images.shape[2:])
             save_image(views_grid(ctx, pred.images[b : b + 1], tgt), folder / "grid.png")
             if self.gif and pred.V > 1:
                 save_gif(pred.images[b], folder / "orbit.gif", self.fps)

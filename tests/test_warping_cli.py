@@ -45,15 +45,15 @@ def tiny_args(toy_root: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(toy_root, tmp_path_factory):
+def warping_trained(toy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("warping_run")
     cli = run(["fit", *tiny_args(toy_root, out), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"])
     return out, Path(cli.trainer.checkpoint_callback.last_model_path), cli
 
 
-def test_fit_logs_both_loss_terms_and_checkpoints_ema(trained):
-    out, ckpt, cli = trained
+def test_fit_logs_both_loss_terms_and_checkpoints_ema(warping_trained):
+    out, ckpt, cli = warping_trained
     assert ckpt.exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 2 and int(state["state_dict"]["ema.num_updates"]) == 2
@@ -62,8 +62,8 @@ def test_fit_logs_both_loss_terms_and_checkpoints_ema(trained):
     assert {"train/loss_unconditional", "train/loss_conditional", "val/psnr"} <= set(metrics)
 
 
-def test_predict_writes_views_depth_and_orbit(trained, toy_root, tmp_path):
-    out, ckpt, _ = trained
+def test_predict_writes_views_depth_and_orbit(warping_trained, toy_root, tmp_path):
+    out, ckpt, _ = warping_trained
     nvs = tmp_path / "nvs"
     assert main(["predict", *tiny_args(toy_root, out), "--ckpt_path", str(ckpt), "--predict_writer.output_dir", str(nvs)]) == 0
     scenes = sorted(p for p in nvs.iterdir() if p.is_dir())
@@ -80,8 +80,8 @@ def test_predict_writes_views_depth_and_orbit(trained, toy_root, tmp_path):
     assert not any(f.startswith("context_") for f in files) and len([f for f in files if f.startswith("view_")]) == 3
 
 
-def test_checkpoint_reloads_with_weights_only(trained):
-    _, ckpt, cli = trained
+def test_checkpoint_reloads_with_weights_only(warping_trained):
+    _, ckpt, cli = warping_trained
     model = WarpingRGBD.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     assert model.stage == "joint" and model.sampler.num_steps == 2 and model.unconditional.model_channels == 16
     for k, v in cli.model.state_dict().items():
@@ -104,8 +104,8 @@ def test_two_stage_training_through_the_cli(toy_root, tmp_path):
     assert not any(k.startswith("ema.shadow__unconditional__") for k in state)
 
 
-def test_novel_views_of_unposed_images_from_an_image_folder(trained, tmp_path):
-    _, ckpt, _ = trained
+def test_novel_views_of_unposed_images_from_an_image_folder(warping_trained, tmp_path):
+    _, ckpt, _ = warping_trained
     root = tmp_path / "photos"
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -127,6 +127,9 @@ def test_novel_views_of_unposed_images_from_an_image_folder(trained, tmp_path):
             "--ckpt_path", str(ckpt), "--predict_writer.output_dir", str(pred)]
     assert main(args) == 0
     assert len(list((tmp_path / "photos_depth" / "16px").glob("*.npy"))) == 2  # estimated once, cached
+    for command in ("validate", "test"):  # generation from scratch: sampled and shown, nothing to score
+        cli = run([command, *args[1:-2], "--data.init_args.num_samples", "2", "--data.init_args.val_num_samples", "2"])
+        assert not any(k.startswith(("val/", "test/")) for k in cli.trainer.callback_metrics)
     files = {p.name for p in (pred / "p0").iterdir()}
     assert {"context_0000.png", "view_0001.png", "view_0003.png", "depth_0002.png", "orbit.gif"} <= files
     assert not any(f.startswith("gt_") for f in files)  # unposed images have no ground-truth novel views

@@ -312,10 +312,11 @@ def test_image_folder_depth_is_estimated_once_and_cached(image_folder, tmp_path,
     val = next(iter(dm.val_dataloader()))  # generation from scratch: cameras and labels only
     assert val.images is None and val.num_context == 0 and val.V == 2 and val.labels.tolist() == [0, 1, 0]
     dm.setup("predict")
-    pred = next(iter(dm.predict_dataloader()))  # novel views of an image: context + trajectory without ground truth
-    assert pred.V == 5 and pred.num_context == 1 and torch.isnan(pred.images[:, 1:]).all()
-    assert torch.isfinite(pred.images[:, :1]).all() and (pred.depth[:, 0] > 0).all()
-    torch.testing.assert_close(pred.c2w[0, 1:], pivot_viewset("swing", 4))
+    ctx, tgt = next(iter(dm.predict_dataloader()))  # novel views of an image: context + trajectory cameras
+    assert ctx.V == 1 and ctx.num_context == 1 and ctx.B == 2 and (ctx.depth > 0).all() and ctx.labels.tolist() == [0, 0]
+    assert tgt.images is None and tgt.V == 4 and tgt.index.tolist()[0] == [1, 2, 3, 4]
+    torch.testing.assert_close(tgt.c2w[0], pivot_viewset("swing", 4))
+    torch.testing.assert_close(ctx.c2w[0, 0], torch.eye(4))
 
     dm.estimate_size = 64  # other estimator settings: the cache is refused, never mixed or overwritten
     with pytest.raises(DatasetError, match="Delete"):
@@ -338,19 +339,18 @@ def test_depth_estimator_directories(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- writer
-def test_prediction_writer_writes_depth_and_handles_missing_ground_truth(tmp_path):
+def test_prediction_writer_writes_depth_and_generated_scenes(tmp_path):
     B, T, H = 1, 3, 8
     K = intrinsics_from_fov(45, H).expand(B, T, 3, 3)
     c2w = pivot_viewset("sweep", T)[None]
     depth = torch.linspace(1, 3, T).view(1, T, 1, 1, 1).expand(B, T, 1, H, H).clone()
     pred = Views(torch.zeros(B, T, 3, H, H), K, c2w, depth=depth, scene=["a"])
-    nan_targets = Views(torch.full((B, T, 3, H, H), float("nan")), K, c2w, scene=["a"])
     ctx = Views(torch.zeros(B, 1, 3, H, H), K[:, :1], c2w[:, :1], scene=["a"])
     writer = PredictionWriter(output_dir=str(tmp_path / "nvs"))
-    writer.on_predict_batch_end(None, None, {"context": ctx, "pred": pred, "target": nan_targets}, None, 0)
+    writer.on_predict_batch_end(None, None, {"context": ctx, "pred": pred, "target": None}, None, 0)
     files = sorted(p.name for p in (tmp_path / "nvs" / "a").iterdir())
     assert files == ["context_0000.png", "depth_0000.png", "depth_0001.png", "depth_0002.png", "grid.png", "orbit.gif",
-                     "view_0000.png", "view_0001.png", "view_0002.png"]  # no gt_*.png from NaN placeholders
+                     "view_0000.png", "view_0001.png", "view_0002.png"]
     near, far = (np.asarray(Image.open(tmp_path / "nvs" / "a" / f"depth_{i:04d}.png")).astype(float).mean() for i in (0, 2))
     assert near > far + 50  # bright = near
 

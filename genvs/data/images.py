@@ -226,8 +226,8 @@ class SingleImageDataset(Dataset):
 class TrajectoryDataset(Dataset):
     """A camera trajectory per example, for generation and for novel views of unposed images.
 
-    - with ``records`` (NVS): view 0 is the image with its cached depth; the targets are the trajectory
-      cameras, whose images are NaN placeholders (there is no ground truth) and depth 0 (unknown);
+    - with ``records`` (NVS): ``(context, targets)`` pairs, the context being the image with its cached
+      depth and the targets the trajectory's cameras only (there is no ground truth);
     - without (generation): ``num_samples`` camera-only examples (``num_context = 0``) with class labels
       ``classes[i % len(classes)]``.
     """
@@ -250,7 +250,7 @@ class TrajectoryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) if self.records is not None else self.num_samples
 
-    def __getitem__(self, i: int) -> Views:
+    def __getitem__(self, i: int) -> Views | tuple[Views, Views]:
         T, s = self.c2w.shape[0], self.image_size
         index = torch.arange(T)[None]
         if self.records is None:
@@ -261,15 +261,18 @@ class TrajectoryDataset(Dataset):
                 num_context=0, scene=[name], index=index, labels=torch.tensor([label]),
             )
         rec = self.records[i]
-        image = load_square_image(rec.path, s)
-        images = torch.cat([image[None], torch.full((T, 3, s, s), float("nan"))])[None]
-        depth = torch.cat([self.cache.load(rec)[None], torch.zeros(T, 1, s, s)])[None]
-        c2w = torch.cat([torch.eye(4)[None], self.c2w])[None]
-        return Views(
-            images=images, K=self.K.expand(1, T + 1, 3, 3).clone(), c2w=c2w, depth=depth, num_context=1,
-            scene=[rec.rel.rsplit(".", 1)[0].replace("/", "_")], index=torch.cat([torch.zeros(1, 1, dtype=torch.long), index + 1], 1),
-            labels=torch.tensor([rec.label]),
+        scene = [rec.rel.rsplit(".", 1)[0].replace("/", "_")]
+        label = torch.tensor([rec.label])
+        context = Views(
+            images=load_square_image(rec.path, s)[None, None], K=self.K[None, None].clone(), c2w=torch.eye(4)[None, None],
+            depth=self.cache.load(rec)[None, None], num_context=1, scene=scene,
+            index=torch.zeros(1, 1, dtype=torch.long), labels=label,
         )
+        targets = Views(
+            images=None, K=self.K.expand(1, T, 3, 3).clone(), c2w=self.c2w[None].clone(), size=(s, s), scene=scene,
+            index=index + 1, labels=label,
+        )
+        return context, targets
 
 
 class ImageFolderDataModule(NVSDataModule):
@@ -278,7 +281,8 @@ class ImageFolderDataModule(NVSDataModule):
     Training examples are single images (``V = 1``) with their cached depth and class label. Validation
     and test generate from scratch along the trajectory (no ground truth: grids are logged, nothing is
     scored); ``predict`` either generates (``predict_mode: generate``) or synthesises the trajectory's
-    views of the first ``predict_num_images`` images of ``predict_root`` (``predict_mode: nvs``).
+    views of the first ``predict_num_images`` images of ``predict_root`` (``predict_mode: nvs``, batches of
+    ``(context, camera-only targets)`` pairs).
 
     Args:
         root: the training images (class subfolders or flat).
@@ -359,6 +363,12 @@ class ImageFolderDataModule(NVSDataModule):
 
     def trajectory_poses(self) -> Tensor:
         return pivot_viewset(self.trajectory, self.num_frames, self.trajectory_step, self.pivot)
+
+    @property
+    def name(self) -> str:
+        """Dataset name in results tables: the folder (its parent for ``train``/``val``-style split folders)."""
+        root = Path(self.root).expanduser()
+        return (root.resolve().parent.name if root.name in ("train", "val", "test", "images") else root.name).lower()
 
     def generation_classes(self) -> list[int]:
         if self.classes:

@@ -124,8 +124,8 @@ def load_network_weights(path: str | Path, which: Literal["unconditional", "cond
 
 
 def _has_ground_truth(views: Views) -> bool:
-    """Whether target views carry real images (trajectories of unposed images have NaN placeholders)."""
-    return views.images is not None and views.V > 0 and bool(torch.isfinite(views.images).all())
+    """Whether target views carry images to score against (generation batches carry cameras only)."""
+    return views.images is not None and views.V > 0
 
 
 class WarpingRGBD(BaseNVSModel):
@@ -471,19 +471,41 @@ class WarpingRGBD(BaseNVSModel):
         return targets.with_images(images[:, Nc:], depth=depths[:, Nc:])
 
     # ---------------------------------------------------------------------------- evaluation
+    # Batches without ground truth (generation from scratch, e.g. the image-folder datamodule's validation)
+    # are sampled and shown in the logged grid but not scored; batches with ground truth go through the
+    # base class's metrics.
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._scored = False
+
     def validation_step(self, batch: Views, batch_idx: int) -> None:
-        """Scores PSNR where targets have ground truth; otherwise (generation, unposed image folders) only
-        samples and logs the image grid."""
         if _has_ground_truth(batch.targets):
+            self._scored = True
             return super().validation_step(batch, batch_idx)
         context, pred = self.generate(batch, batch_idx)
         if batch_idx == 0:
             self.log_image_grid(context, pred, None)
 
+    def on_validation_epoch_end(self) -> None:
+        if getattr(self, "_scored", True):
+            return super().on_validation_epoch_end()
+        self._evaluator = None
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._scored = False
+
     def test_step(self, batch: Views, batch_idx: int) -> None:
         if _has_ground_truth(batch.targets):
+            self._scored = True
             return super().test_step(batch, batch_idx)
         self.generate(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        if getattr(self, "_scored", True):
+            return super().on_test_epoch_end()
+        self._evaluator = None
+        self.print("genvs: the test batches had no ground-truth views (generation): nothing was scored")
 
     def log_image_grid(self, context: Views, pred: Views, target: Views | None = None) -> None:
         if context.images is None:  # generation: no input views
