@@ -108,7 +108,7 @@ def test_training_drops_conditioning_for_ten_percent(monkeypatch):
     m = tiny_model()
     masks = []
 
-    def spy(x, z, logsnr, rays, cond_mask=None):  # records what the network is given; only masks matter
+    def spy(x, z, logsnr, rays, cond_mask=None, pose=None):  # records what the network is given; only masks matter
         masks.append(cond_mask.clone())
         assert torch.all(logsnr[:, 0] == 20.0)  # the clean frame sits at logSNR +20
         return torch.zeros_like(z)
@@ -145,3 +145,19 @@ def test_sample_returns_targets_with_images():
     assert out.images.shape == (2, 3, 3, 32, 32) and out.images.abs().max() <= 1
     again = m.sample(ctx, tgt3.cameras_only(), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.images, again.images)  # seeded sampling is reproducible
+
+
+def test_precomputed_pose_embeddings_match_the_direct_path():
+    """Samplers reuse per-frame pose embeddings across steps; the network must give the same output."""
+    net = XUNet(**TINY_XUNET).eval()
+    perturb_zero_init(net)
+    x, z, rays = inputs()
+    lam = torch.tensor([[20.0, 0.5], [20.0, -2.0]])
+    mask = torch.tensor([True, False])
+    direct = net(x, z, lam, rays, mask)
+    cond = net.frame_pose_embedding(rays[:, 0], role=0)
+    tgt = net.frame_pose_embedding(rays[:, 1], role=1)
+    free = [net.frame_pose_embedding(None, role=r) for r in (0, 1)]
+    pose = [torch.stack([torch.cat([c[:1], f0]), torch.cat([t[:1], f1])], 1).flatten(0, 1)
+            for c, t, f0, f1 in zip(cond, tgt, free[0], free[1])]
+    torch.testing.assert_close(net(x, z, lam, None, mask, pose=pose), direct, atol=1e-5, rtol=1e-5)

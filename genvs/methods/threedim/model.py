@@ -35,6 +35,9 @@ class ThreeDiM(BaseNVSModel):
             encodings of both frames) or ``pose`` (only the pose encodings, as in the paper's appendix code).
         stochastic_conditioning: sample with 3DiM's stochastic conditioning; ``False`` conditions
             every target on the first context view only (the naive sampler of the paper's ablation).
+        prediction: the network's parameterisation: ``eps`` as in the paper, or ``v``. An eps network
+            must predict the noise to ~1e-5 at logSNR -20 for its x0 estimate to mean anything; short
+            training runs (the CPU toy config) do not get there and sample noise, v-prediction does.
         (the remaining arguments are `BaseNVSModel`'s)
     """
 
@@ -46,6 +49,7 @@ class ThreeDiM(BaseNVSModel):
         p_uncond: float = 0.1,
         cfg_drop: Literal["frame", "pose"] = "frame",
         stochastic_conditioning: bool = True,
+        prediction: Literal["eps", "v"] = "eps",
         noise_schedule: NoiseSchedule = spec(CosineLogSNRSchedule, logsnr_min=-20.0, logsnr_max=20.0),
         sampler: Sampler = spec(Sampler, scheduler=spec(DDPM), num_steps=256, guidance_scale=3.0),
         optim: OptimConfig = OptimConfig(lr=1e-4, betas=(0.9, 0.99), warmup_steps=10_000_000 // 128),
@@ -57,6 +61,7 @@ class ThreeDiM(BaseNVSModel):
         self.p_uncond = p_uncond
         self.cfg_drop = cfg_drop
         self.use_stochastic_conditioning = stochastic_conditioning
+        self.prediction = prediction
 
     # ---------------------------------------------------------------------------------- helpers
     def rays(self, K: Tensor, c2w: Tensor, H: int, W: int) -> Tensor:
@@ -64,12 +69,15 @@ class ThreeDiM(BaseNVSModel):
         net = self.denoiser
         return ray_posenc(K, c2w, H, W, net.origin_octaves, net.dir_octaves)
 
-    def denoise(self, cond: Tensor, z: Tensor, logsnr: Tensor, rays: Tensor, cond_mask: Tensor) -> Tensor:
-        """eps prediction for ``z`` given the clean ``cond`` frame; ``rays [B, 2, H, W, D]``."""
+    def denoise(
+        self, cond: Tensor, z: Tensor, logsnr: Tensor, rays: Tensor | None, cond_mask: Tensor, pose: list[Tensor] | None = None
+    ) -> Tensor:
+        """The network's prediction (``self.prediction``) for ``z`` given the clean ``cond`` frame;
+        ``rays [B, 2, H, W, D]`` (or precomputed ``pose`` embeddings, see `XUNet.forward`)."""
         if self.cfg_drop == "frame":
             cond = cond * cond_mask.view(-1, 1, 1, 1).to(cond.dtype)
         logsnr2 = torch.stack([torch.full_like(logsnr, CLEAN_LOGSNR), logsnr], dim=1)
-        return self.denoiser(cond, z, logsnr2, rays, cond_mask)
+        return self.denoiser(cond, z, logsnr2, rays, cond_mask, pose=pose)
 
     # --------------------------------------------------------------------------------- training
     def training_loss(self, views: Views) -> dict[str, Tensor]:
@@ -88,7 +96,7 @@ class ThreeDiM(BaseNVSModel):
         z = q_sample(x0, logsnr, eps)
         cond_mask = torch.rand(B, device=self.device) >= self.p_uncond
         pred = self.denoise(x, z, logsnr, rays, cond_mask)
-        loss = diffusion_loss(pred, x0, eps, logsnr, "eps").mean()
+        loss = diffusion_loss(pred, x0, eps, logsnr, self.prediction).mean()
         return {"loss": loss}
 
     # --------------------------------------------------------------------------------- sampling
@@ -105,17 +113,31 @@ class ThreeDiM(BaseNVSModel):
             context = context.resize((H, W))
         # ray encodings of every camera, computed once: pool order = context views, then targets
         rays_all = self.rays(torch.cat([context.K, targets.K], 1), torch.cat([context.c2w, targets.c2w], 1), H, W)
+        net = self.denoiser
         batch = torch.arange(B, device=context.device)
+        ones = torch.ones(B, dtype=torch.bool, device=context.device)
         guided = sampler.guided
+        # Pose embeddings that stay fixed while one target is denoised are computed once, not per step:
+        # the target frame's, and (with guidance) the pose-free ones of the unconditional branch.
+        uncond_pose = None
+        if guided:  # the learned embeddings alone: the pose input of the unconditional branch
+            free = zip(net.frame_pose_embedding(None, role=0), net.frame_pose_embedding(None, role=1))
+            uncond_pose = [torch.stack([c, t], 1).expand(B, 2, *c.shape[1:]).flatten(0, 1) for c, t in free]
+        target_pose: dict[int, list[Tensor]] = {}
 
         def denoise(z: Tensor, logsnr: Tensor, cond_img: Tensor, cond_idx: Tensor, j: int) -> Tensor:
             if not self.use_stochastic_conditioning:
                 cond_img, cond_idx = context.images[:, 0], torch.zeros_like(cond_idx)
-            rays = torch.stack([rays_all[batch, cond_idx], rays_all[:, Nc + j]], dim=1)
+            if j not in target_pose:
+                target_pose.clear()
+                target_pose[j] = net.frame_pose_embedding(rays_all[:, Nc + j], role=1)
+            cond_pose = net.frame_pose_embedding(rays_all[batch, cond_idx], role=0)
+            pose = [torch.stack([c, t], 1).flatten(0, 1) for c, t in zip(cond_pose, target_pose[j])]
             if not guided:
-                return self.denoise(cond_img, z, logsnr, rays, torch.ones(B, dtype=torch.bool, device=z.device))
-            mask = torch.cat([torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)]).to(z.device)
-            out = self.denoise(cond_img.repeat(2, 1, 1, 1), z.repeat(2, 1, 1, 1), logsnr.repeat(2), rays.repeat(2, 1, 1, 1, 1), mask)
+                return self.denoise(cond_img, z, logsnr, None, ones, pose=pose)
+            both = [torch.cat([p, u]) for p, u in zip(pose, uncond_pose)]
+            mask = torch.cat([ones, ~ones])
+            out = self.denoise(cond_img.repeat(2, 1, 1, 1), z.repeat(2, 1, 1, 1), logsnr.repeat(2), None, mask, pose=both)
             cond, uncond = out.chunk(2)
             return cfg_combine(cond, uncond, sampler.guidance_scale)
 

@@ -214,6 +214,23 @@ class XUNet(Configurable, nn.Module):
         self.conv_out = _zero(nn.Conv2d(cur, in_ch, 3, padding=1))
         self.num_res_blocks = num_res_blocks
 
+    def frame_pose_embedding(self, rays: Tensor | None, role: int, like: Tensor | None = None) -> list[Tensor]:
+        """Per-level pose embeddings ``[N, emb_ch, H_l, W_l]`` of ``N`` frames in one role.
+
+        ``rays [N, H, W, D]`` are ray encodings, or ``None`` for dropped poses (classifier-free
+        guidance: only the learned embeddings remain, ``N = 1``); ``role`` 0 is the conditioning frame,
+        1 the target frame (they differ by the learned per-frame vector).
+        """
+        ref = self.ref_pose_emb[role, :, None, None] if self.ref_pose_emb is not None else 0
+        pos = self.pos_emb if self.pos_emb is not None else 0
+        if rays is None:
+            dtype = self.pose_convs[0].weight.dtype
+            pe = (torch.zeros(self.pose_dim, self.image_size, self.image_size, dtype=dtype, device=self.pose_convs[0].weight.device) + pos + ref)[None]
+        else:
+            pe = rays.permute(0, 3, 1, 2) + pos + ref
+        pe = pe.contiguous(memory_format=torch.channels_last)
+        return [conv(pe) for conv in self.pose_convs]
+
     def pose_embedding(self, rays: Tensor, cond_mask: Tensor) -> list[Tensor]:
         """Per-level pose embeddings ``[B*2, emb_ch, H_l, W_l]`` from ray encodings ``[B, 2, H, W, D]``.
 
@@ -228,7 +245,15 @@ class XUNet(Configurable, nn.Module):
         pe = pe.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         return [conv(pe) for conv in self.pose_convs]
 
-    def forward(self, x: Tensor, z: Tensor, logsnr: Tensor, rays: Tensor, cond_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        z: Tensor,
+        logsnr: Tensor,
+        rays: Tensor | None,
+        cond_mask: Tensor | None = None,
+        pose: list[Tensor] | None = None,
+    ) -> Tensor:
         """Predict the noise of the target frame.
 
         Args:
@@ -237,14 +262,18 @@ class XUNet(Configurable, nn.Module):
             logsnr: ``[B, 2]`` logSNR of (conditioning, target) frames; the clean frame uses +20.
             rays: ``[B, 2, H, W, D]`` ray encodings of (conditioning, target) cameras.
             cond_mask: ``[B]`` bool, False drops the pose conditioning (CFG); default all True.
-        Returns ``[B, C, H, W]`` eps prediction for the target frame.
+            pose: precomputed per-level pose embeddings ``[B*2, emb_ch, H_l, W_l]`` (frame-interleaved,
+                see `frame_pose_embedding`), used instead of ``rays``/``cond_mask`` by samplers that
+                reuse them across denoising steps.
+        Returns ``[B, C, H, W]``: the prediction for the target frame.
         """
         B = x.shape[0]
         if cond_mask is None:
             cond_mask = torch.ones(B, dtype=torch.bool, device=x.device)
         t_emb = sinusoidal_embedding(1000 * logsnr_embedding_input(logsnr), self.emb_ch)  # [B, 2, emb]
         logsnr_emb = self.logsnr_mlp(t_emb.to(self.logsnr_mlp[0].weight.dtype)).flatten(0, 1)  # [B*2, emb]
-        pose = self.pose_embedding(rays, cond_mask)
+        if pose is None:
+            pose = self.pose_embedding(rays, cond_mask)
         # swish(emb) feeds every FiLM of a level: compute it once per level
         emb_act = [F.silu(p + logsnr_emb[:, :, None, None]) for p in pose]
 
