@@ -185,8 +185,26 @@ def test_training_feeds_rgbd_pairs_and_drops_class_labels(monkeypatch):
         m.training_loss(Views(v.images, v.K, v.c2w, num_context=1))
 
 
+def test_guidance_is_the_same_for_every_parameterisation():
+    from genvs.core.diffusion import predict_x0_eps, prediction_target
+    from genvs.methods.warping.aggregate import guide_prediction
+    from genvs.methods.warping.network import WarpCondition
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cond = WarpCondition(r(2, 3, 8, 8), r(2, 1, 8, 8), (r(2, 1, 8, 8) > 0).float(), (r(2, 1, 8, 8) > 0).float(), r(2, 1, 8, 8))
+    z, logsnr, x0, eps = r(2, 4, 8, 8), torch.tensor([-3.0, 2.0]), r(2, 4, 8, 8), r(2, 4, 8, 8)
+    guided = {}
+    for kind in ("eps", "v", "x0"):
+        pred = prediction_target(x0, (z - torch.sigmoid(logsnr).sqrt().view(-1, 1, 1, 1) * x0) / torch.sigmoid(-logsnr).sqrt().view(-1, 1, 1, 1), logsnr, kind)
+        guided[kind] = predict_x0_eps(guide_prediction(pred, z, logsnr, cond, kind), z, logsnr, kind)[0]
+    torch.testing.assert_close(guided["v"], guided["eps"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(guided["x0"], guided["eps"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(guided["eps"], x0)  # the guidance did move x0
+
+
 def test_training_and_sampling_under_bf16_autocast_and_channels_last():
-    m = randomize(tiny_model("joint"))
+    m = randomize(tiny_model("joint", prediction="v"))
     v = rgbd_views()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = m.training_loss(v)["loss"]

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genvs.core.cameras import pivot_viewset
-from genvs.core.diffusion import predict_x0_eps
+from genvs.core.diffusion import predict_x0_eps, prediction_target
 from genvs.core.geometry import depth_edges, depth_normals, pixels_to_grid, rasterize_depth_mesh, unproject_depth
 from genvs.methods.warping.augment import erode_mask
 from genvs.methods.warping.depth import SAMPLE_FAR, SAMPLE_NEAR, normalize_depth
 from genvs.methods.warping.network import WarpCondition
 
-__all__ = ["view_weights", "aggregate_views", "guide_x0", "guide_eps", "viewset"]
+__all__ = ["view_weights", "aggregate_views", "guide_x0", "guide_eps", "guide_prediction", "viewset"]
 
 _COLOR_EPS, _DEPTH_EPS = 1e-6, 1e-14  # weight thresholds for the colour / depth masks (official)
 _ERODED, _EDGE = 1e-8, 1e-16  # weight factor near edges, weight of stretched triangles
@@ -181,11 +181,20 @@ def guide_eps(eps: Tensor, z: Tensor, logsnr: Tensor, cond: WarpCondition, *, la
     Returning this eps from the sampler's ``model_fn`` makes a DDIM step use the guided x0 exactly as the
     official sampler does (both its x0 and its eps are recomputed from the guided x0).
     """
-    x0, _ = predict_x0_eps(eps, z, logsnr, "eps")
+    return guide_prediction(eps, z, logsnr, cond, "eps", last_step=last_step, **weights)
+
+
+def guide_prediction(
+    pred: Tensor, z: Tensor, logsnr: Tensor, cond: WarpCondition, kind: str = "eps", *, last_step: bool = False, **weights
+) -> Tensor:
+    """`guide_eps` for any parameterisation (``eps``, ``v``, ``x0``): the prediction whose x0 is the
+    guided x0 and whose eps is consistent with it and ``z``."""
+    x0, _ = predict_x0_eps(pred, z, logsnr, kind)
     x0 = guide_x0(x0, cond, last_step=last_step, **weights)
     a = torch.sigmoid(logsnr.float()).sqrt().view(-1, 1, 1, 1)
     s = torch.sigmoid(-logsnr.float()).sqrt().view(-1, 1, 1, 1)
-    return ((z.float() - a * x0) / s).to(eps.dtype)
+    eps = (z.float() - a * x0) / s
+    return prediction_target(x0, eps, logsnr.float(), kind).to(pred.dtype)
 
 
 def viewset(kind: str = "3x9", step: float = 0.15) -> Tensor:

@@ -30,7 +30,7 @@ from genvs.core.diffusion import DiscreteSchedule, NoiseSchedule, diffusion_loss
 from genvs.core.model import BaseNVSModel, OptimConfig
 from genvs.core.samplers import DDIMScheduler, Sampler, cfg_combine
 from genvs.core.views import Views
-from genvs.methods.warping.aggregate import aggregate_views, guide_eps
+from genvs.methods.warping.aggregate import aggregate_views, guide_prediction
 from genvs.methods.warping.augment import TrainingPairs
 from genvs.methods.warping.depth import SAMPLE_FAR, SAMPLE_NEAR, TRAIN_FAR, TRAIN_NEAR, denormalize_depth, normalize_depth
 from genvs.methods.warping.network import (
@@ -151,6 +151,9 @@ class WarpingRGBD(BaseNVSModel):
         aggregation: aggregation and x0-guidance settings.
         generation_order: ``given`` generates targets in their order; ``nearest`` always generates next the
             target whose camera is closest to one already available (one order for the whole batch).
+        prediction: the networks' parameterisation: ``eps`` as in the paper (and the official weights), or
+            ``v``. An eps network must predict the noise almost exactly at t = 999 (alpha = 0.006) for its x0
+            estimate to mean anything; short runs (the CPU toy config) do not get there and sample noise.
         first_view_sampler: sampler of the unconditional first view (paper: 1000 DDPM steps). Its
             ``guidance_scale`` is the label guidance ``1 + w``.
         sampler: sampler of the conditional views (paper: 50 DDIM steps).
@@ -173,6 +176,7 @@ class WarpingRGBD(BaseNVSModel):
         sample_far: float | None = SAMPLE_FAR,
         aggregation: AggregationConfig = AggregationConfig(),
         generation_order: Literal["given", "nearest"] = "given",
+        prediction: Literal["eps", "v"] = "eps",
         first_view_sampler: Sampler = spec(Sampler, scheduler=spec(DDPM, clip_sample=False), num_steps=1000, guidance_scale=4.0),
         noise_schedule: NoiseSchedule = spec(DiscreteSchedule, beta_schedule="linear"),
         sampler: Sampler = spec(
@@ -208,6 +212,7 @@ class WarpingRGBD(BaseNVSModel):
         self.sample_far = far if sample_far is None else sample_far
         self.aggregation = AggregationConfig(**aggregation) if isinstance(aggregation, dict) else aggregation
         self.generation_order = generation_order
+        self.prediction = prediction
         self.first_view_sampler: Sampler = build(first_view_sampler, Sampler, "first_view_sampler")
 
     # ------------------------------------------------------------------------------ networks
@@ -325,7 +330,7 @@ class WarpingRGBD(BaseNVSModel):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             pred = net(x, sched.timestep_index(t), labels)
-            return diffusion_loss(pred, target, eps, logsnr, "eps").mean()
+            return diffusion_loss(pred, target, eps, logsnr, self.prediction).mean()
 
         if self.stage in ("unconditional", "joint"):
             target = torch.cat([images, normalize_depth(depth, self.near, self.far)], dim=1)
@@ -337,8 +342,9 @@ class WarpingRGBD(BaseNVSModel):
         return losses
 
     # ------------------------------------------------------------------------------ sampling
-    def _eps(self, net: ADMUNet, x: Tensor, timestep: Tensor, labels: Tensor | None, scale: float) -> Tensor:
-        """eps with classifier-free guidance on the class label (official: ``(1 + w) e(c) - w e(null)``)."""
+    def _predict(self, net: ADMUNet, x: Tensor, timestep: Tensor, labels: Tensor | None, scale: float) -> Tensor:
+        """The network's prediction with classifier-free guidance on the class label (official, on eps:
+        ``(1 + w) e(c) - w e(null)``)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if labels is None or scale == 1.0:
@@ -354,7 +360,7 @@ class WarpingRGBD(BaseNVSModel):
         sampler = self.first_view_sampler
 
         def model_fn(z: Tensor, logsnr: Tensor, timestep: Tensor) -> Tensor:
-            return self._eps(self.unconditional, z, timestep, labels, sampler.guidance_scale)
+            return self._predict(self.unconditional, z, timestep, labels, sampler.guidance_scale)
 
         return sampler.loop(model_fn, (B, 4, H, W), self.noise_schedule, self.prediction, generator, self.device)
 
@@ -379,9 +385,9 @@ class WarpingRGBD(BaseNVSModel):
 
         def model_fn(z: Tensor, logsnr: Tensor, timestep: Tensor) -> Tensor:
             x = conditional_input(z, cond, generator=generator)
-            eps = self._eps(self.conditional, x, timestep, labels, sampler.guidance_scale)
-            return guide_eps(
-                eps, z, logsnr, cond, last_step=int(timestep[0]) == t_last,
+            pred = self._predict(self.conditional, x, timestep, labels, sampler.guidance_scale)
+            return guide_prediction(
+                pred, z, logsnr, cond, self.prediction, last_step=int(timestep[0]) == t_last,
                 rgb_weight=agg.rgb_weight, depth_weight=agg.depth_weight, convex_weight=agg.convex_weight,
             )
 
