@@ -17,7 +17,15 @@ from torchvision.utils import make_grid, save_image
 
 from genvs.core.views import Views
 
-__all__ = ["views_grid", "save_gif", "PredictionWriter", "AtomicCheckpointIO", "CheckpointError", "check_checkpoint"]
+__all__ = [
+    "views_grid",
+    "save_gif",
+    "colorize_depth",
+    "PredictionWriter",
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "check_checkpoint",
+]
 
 
 def _to_unit(x: Tensor) -> Tensor:
@@ -39,11 +47,41 @@ def save_gif(frames: Tensor, path: str | Path, fps: int = 8) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
+# inferno-like anchors (dark = far, bright = near), linearly interpolated
+_DEPTH_COLORS = torch.tensor(
+    [[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.74, 0.22, 0.33], [0.98, 0.56, 0.04], [0.99, 1.0, 0.64]]
+)
+
+
+def colorize_depth(depth: Tensor) -> Tensor:
+    """``[N, 1, H, W]`` z-depth -> ``[N, 3, H, W]`` colours in [0, 1] (bright = near, dark = far, black =
+    unknown). Inverse depth is stretched between its 1st and 99th percentile over all ``N`` maps together,
+    so the views of one scene share a colour scale."""
+    d = depth.detach().float().cpu()
+    valid = torch.isfinite(d) & (d > 0)
+    inv = torch.where(valid, 1.0 / d.clamp_min(1e-12), torch.zeros_like(d))
+    if valid.any():
+        vals = inv[valid]
+        if vals.numel() > 100_000:
+            vals = vals[torch.randperm(vals.numel())[:100_000]]
+        lo, hi = torch.quantile(vals, 0.01), torch.quantile(vals, 0.99)
+        u = ((inv - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    else:
+        u = torch.zeros_like(inv)
+    pos = u * (len(_DEPTH_COLORS) - 1)
+    i0 = pos.floor().long().clamp(max=len(_DEPTH_COLORS) - 2)
+    w = (pos - i0)[..., None]
+    rgb = _DEPTH_COLORS[i0] * (1 - w) + _DEPTH_COLORS[i0 + 1] * w  # [N, 1, H, W, 3]
+    rgb = torch.where(valid[..., None], rgb, torch.zeros_like(rgb))
+    return rgb[:, 0].permute(0, 3, 1, 2)
+
+
 class PredictionWriter(L.Callback):
     """Writes what `genvs predict` generates, one folder per scene::
 
         <output_dir>/<scene>/context_<i>.png   input views
                             /view_<i>.png      generated views (i = view index in the scene)
+                            /depth_<i>.png     their depth, colourised, when the method predicts depth
                             /gt_<i>.png        ground truth, when the dataset has it
                             /grid.png          context | generated | ground truth
                             /orbit.gif         the generated views in order
@@ -78,16 +116,21 @@ class PredictionWriter(L.Callback):
             scene = (pred.scene or context.scene or [""] * pred.B)[b] or f"batch{batch_idx:05d}_{b:03d}"
             folder = root / scene
             folder.mkdir(parents=True, exist_ok=True)
-            for v in range(context.V):
+            has_context = context.images is not None and context.V > 0  # pure generation has no input view
+            for v in range(context.V if has_context else 0):
                 idx = int(context.index[b, v]) if context.index is not None else v
                 save_image(_to_unit(context.images[b, v]), folder / f"context_{idx:04d}.png")
+            depth = colorize_depth(pred.depth[b]) if pred.depth is not None else None
             for v in range(pred.V):
                 idx = int(pred.index[b, v]) if pred.index is not None else v
                 save_image(_to_unit(pred.images[b, v]), folder / f"view_{idx:04d}.png")
+                if depth is not None:
+                    save_image(depth[v], folder / f"depth_{idx:04d}.png")
                 if target is not None and target.images is not None:
                     save_image(_to_unit(target.images[b, v]), folder / f"gt_{idx:04d}.png")
             tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
-            save_image(views_grid(context.images[b : b + 1], pred.images[b : b + 1], tgt), folder / "grid.png")
+            ctx = context.images[b : b + 1] if has_context else pred.images.new_zeros(1, 0, *pred.images.shape[2:])
+            save_image(views_grid(ctx, pred.images[b : b + 1], tgt), folder / "grid.png")
             if self.gif and pred.V > 1:
                 save_gif(pred.images[b], folder / "orbit.gif", self.fps)
             for name, image in outputs.items():  # extra per-scene images, e.g. a stitched panorama

@@ -27,6 +27,8 @@ __all__ = [
     "ring_poses",
     "orbit_around",
     "opengl_to_opencv",
+    "orbit_camera",
+    "pivot_viewset",
 ]
 
 
@@ -189,3 +191,53 @@ def opengl_to_opencv(c2w: Tensor) -> Tensor:
     """Camera-to-world from OpenGL/Blender (y up, z backward) to OpenCV (y down, z forward)."""
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
     return c2w @ flip
+
+
+# ----------------------------------------------------------------- cameras orbiting a point ahead
+# Single-image methods (the warping RGBD model) place the image's camera at the identity and move new
+# cameras on a sphere around a pivot straight ahead of it, in the image's depth units.
+
+
+def orbit_camera(
+    yaw: Tensor | float, pitch: Tensor | float, radius: Tensor | float = 1.0, target: Tensor | None = None, pivot: float = 1.0
+) -> Tensor:
+    """OpenCV c2w ``[..., 4, 4]`` of cameras orbiting a pivot ``pivot`` units in front of the identity camera.
+
+    ``yaw`` turns right (the camera moves to +x), ``pitch`` up (the camera moves to -y); ``radius`` is
+    the distance to the pivot; ``target`` an optional ``[..., 3]`` offset of the look-at point from the pivot.
+    ``yaw = pitch = 0``, ``radius = pivot`` and no offset give the identity. Radians.
+    """
+    yaw, pitch = torch.as_tensor(yaw, dtype=torch.float32), torch.as_tensor(pitch, dtype=torch.float32)
+    radius = torch.as_tensor(radius, dtype=torch.float32, device=yaw.device)
+    center = yaw.new_tensor([0.0, 0.0, pivot])
+    direction = torch.stack(
+        [torch.cos(pitch) * torch.sin(yaw), -torch.sin(pitch), -torch.cos(pitch) * torch.cos(yaw)], dim=-1
+    )
+    eye = center + radius[..., None] * direction
+    look = center.expand_as(eye) if target is None else center + target
+    return look_at(eye, look, up=yaw.new_tensor([0.0, -1.0, 0.0]))
+
+
+def pivot_viewset(kind: str = "3x9", num_frames: int = 24, step: float = 0.15, pivot: float = 1.0) -> Tensor:
+    """Camera sets around a pivot ahead of the identity camera, OpenCV c2w ``[V, 4, 4]``, radius ``pivot``.
+
+    - ``"3x9"``: the warping paper's sampling set: yaws 0, +-step, ..., +-4 step and pitches 0, +-step
+      (27 views) in the official generation order (yaw-major, 0 first, then alternating sides);
+    - ``"swing"``: ``num_frames`` frames on a closed loop through the identity,
+      ``yaw = 4 step sin(s)``, ``pitch = step (1 - cos(s)) / 2``, ``s`` in ``[0, 2 pi)``;
+    - ``"sweep"``: ``num_frames`` yaws from ``-4 step`` to ``4 step`` at pitch 0.
+    """
+    if kind == "3x9":
+        yaws = [0.0] + [sgn * (i + 1) * step for i in range(4) for sgn in (1, -1)]
+        pitches = [0.0, step, -step]
+        yaw = torch.tensor([y for y in yaws for _ in pitches])
+        pitch = torch.tensor([p for _ in yaws for p in pitches])
+    elif kind == "swing":
+        s = torch.arange(num_frames, dtype=torch.float32) * (2 * math.pi / num_frames)
+        yaw, pitch = 4 * step * torch.sin(s), step * (1 - torch.cos(s)) / 2
+    elif kind == "sweep":
+        yaw = torch.linspace(-4 * step, 4 * step, num_frames)
+        pitch = torch.zeros(num_frames)
+    else:
+        raise ValueError(f"pivot_viewset(kind={kind!r}): use '3x9', 'swing' or 'sweep'")
+    return orbit_camera(yaw, pitch, pivot, pivot=pivot)

@@ -19,6 +19,7 @@ __all__ = ["BUILTIN_METHODS", "UnknownMethodError", "available_methods", "resolv
 BUILTIN_METHODS: dict[str, str] = {
     "threedim": "genvs.methods.threedim:ThreeDiM",
     "mvdiffusion": "genvs.methods.mvdiffusion:MVDiffusion",
+    "warping": "genvs.methods.warping:WarpingRGBD",
 }
 
 

@@ -1,5 +1,6 @@
 """Datasets and datamodules."""
 
+from genvs.data.images import ImageFolderDataModule
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
 from genvs.data.panorama import PanoramaDataModule, RingScenes, SkyboxScenes, ToyRoomsDataModule
 from genvs.data.scannet import DepthSequenceDataModule, RingSequences, ScanNetScenes
@@ -15,6 +16,7 @@ __all__ = [
     "PanoramaDataModule",
     "ToyRoomsDataModule",
     "DepthSequenceDataModule",
+    "ImageFolderDataModule",
     "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
