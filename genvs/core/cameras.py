@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "pixel_centers",
     "camera_rays",
+    "pixel_rays",
     "posenc_nerf",
     "ray_posenc",
     "scale_intrinsics",
@@ -60,6 +61,29 @@ def camera_rays(K: Tensor, c2w: Tensor, H: int, W: int, normalize: bool = True) 
     origins = c2w[..., None, None, :3, 3].expand_as(dirs)
     return origins, dirs
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Rays through arbitrary pixel coordinates (sparse pixel sets: random patches, single rays)
+# ----------------------------------------------------------------------------------------------
+def pixel_rays(uv: Tensor, K: Tensor, c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """World-space rays through continuous pixel coordinates ``uv [..., N, 2]`` (centres at ``i + 0.5``).
+
+    ``K [..., 3, 3]``, ``c2w [..., 4, 4]`` -> origins, directions ``[..., N, 3]``. Directions are *not*
+    normalised: they have z = 1 in camera space, so the ray parameter ``t`` is the z-depth of the point
+    ``o + t d`` (what volume rendering in genvs integrates over, so depth comes out as z-depth).
+    """
+    K = K.float()
+    c2w = c2w.float()
+    uv = uv.float()
+    fx, fy = K[..., 0, 0, None], K[..., 1, 1, None]  # [..., 1]
+    cx, cy = K[..., 0, 2, None], K[..., 1, 2, None]
+    x = (uv[..., 0] - cx) / fx  # [..., N]
+    y = (uv[..., 1] - cy) / fy
+    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [..., N, 3]
+    dirs = d_cam @ c2w[..., :3, :3].transpose(-1, -2)  # R d per point
+    origins = c2w[..., None, :3, 3].expand_as(dirs)
+    return origins, dirs
 
 def posenc_nerf(x: Tensor, min_deg: int = 0, max_deg: int = 15) -> Tensor:
     """NeRF-style encoding as in 3DiM: ``[x, sin(2^l x), sin(2^l x + pi/2)]`` for ``l in [min_deg, max_deg)``.

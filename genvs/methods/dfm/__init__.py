@@ -1,0 +1,30 @@
+"""DFM: Diffusion with Forward Models (Tewari et al. 2023) — pixelNeRF scene, volume rendering, denoiser."""
+
+from genvs.methods.dfm.network import (
+    DFMDenoiser,
+    DFMOutput,
+    dfm_sample,
+    dfm_sample_autoregressive,
+    dfm_training_losses,
+    random_patches,
+    sampler_time,
+)
+from genvs.methods.dfm.pixelnerf import DiTEncoder, PixelNeRFField, Scene, TimmEncoder, build_encoder
+from genvs.methods.dfm.render import RenderOutput, VolumeRenderer
+
+__all__ = [
+    "DFMDenoiser",
+    "DFMOutput",
+    "DiTEncoder",
+    "PixelNeRFField",
+    "RenderOutput",
+    "Scene",
+    "TimmEncoder",
+    "VolumeRenderer",
+    "build_encoder",
+    "dfm_sample",
+    "dfm_sample_autoregressive",
+    "dfm_training_losses",
+    "random_patches",
+    "sampler_time",
+]
