@@ -105,7 +105,7 @@ def sample_pdf(edges: Tensor, weights: Tensor, n: int, perturb: bool) -> Tensor:
     cdf[..., -1] = 1.0
     shape = (*weights.shape[:-1], n)
     base = torch.arange(n, device=weights.device, dtype=torch.float32)
-    u = (base + (torch.rand(shape, device=weights.device) if perturb else 0.5)) / n
+    u = ((base + (torch.rand(shape, device=weights.device) if perturb else 0.5)) / n).expand(shape)
     S = weights.shape[-1]
     idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp(1, S)  # upper edge index
     c_lo, c_hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
