@@ -208,6 +208,8 @@ class CO3DScenes(Dataset):
             mean distance of the cameras to the point their optical axes meet), or ``"none"``; the scaled
             scene has that distance equal to ``target_scale`` (DFM: 10).
         sequences: restrict to these sequence names.
+        top_quality: keep the ``top_quality`` sequences with the highest ``viewpoint_quality_score`` in
+            ``sequence_annotations.jgz`` (the official DFM training set keeps the best 500 hydrants).
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class CO3DScenes(Dataset):
         target_scale: float = 10.0,
         load_masks: bool = False,
         sequences: Sequence[str] | None = None,
+        top_quality: int | None = None,
     ):
         self.root = Path(root)
         if not (self.root / category).is_dir():
@@ -252,6 +255,14 @@ class CO3DScenes(Dataset):
             if missing:
                 raise ValueError(f"CO3D {category}/{split}: unknown sequences {missing}")
             frames = {s: frames[s] for s in sequences}
+        if top_quality is not None:
+            path = self.root / category / "sequence_annotations.jgz"
+            try:
+                score = {e["sequence_name"]: float(e.get("viewpoint_quality_score") or 0.0) for e in load_jgz(path)}
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: malformed sequence annotation ({e})") from e
+            best = sorted(frames, key=lambda s: score.get(s, 0.0), reverse=True)[:top_quality]
+            frames = {s: frames[s] for s in best}
         self.frames = {s: fr for s, fr in sorted(frames.items()) if fr}
         self.sequences = list(self.frames)
         self._scales: dict[str, float] = {}
