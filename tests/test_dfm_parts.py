@@ -21,6 +21,8 @@ from genvs.methods.dfm import (
     dfm_sample,
     dfm_sample_autoregressive,
     dfm_training_losses,
+    init_joint_field_from_context_field,
+    pixelnerf_losses,
     random_patches,
 )
 from genvs.methods.dfm.render import composite_weights, interval_edges, sample_pdf
@@ -228,9 +230,10 @@ def test_timm_encoder_multiscale_features_and_local_pretrained(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- denoiser
-@pytest.mark.parametrize("encoder", ["dit", "timm"])
-def test_denoiser_shapes_at_32px(encoder):
-    den = tiny_denoiser(encoder, cond_features=64, n_coarse=4, n_fine=4, cond_n_coarse=4)
+@pytest.mark.parametrize("encoder, injection", [("dit", "input"), ("timm", "blocks")])
+def test_denoiser_shapes_at_32px(encoder, injection):
+    den = tiny_denoiser(encoder, cond_features=64, n_coarse=4, n_fine=4, cond_n_coarse=4, feature_injection=injection)
+    assert len(den.field.lin_z) == (1 if injection == "input" else 3)
     assert den.target_in_channels == 71  # noisy RGB 3 + rendered RGB 3 + depth 1 + features 64, as official
     B, Nc, M, H = 1, 2, 2, 32
     K, c2w = cameras(B, Nc + M, H)
@@ -324,6 +327,22 @@ def test_training_losses_use_lpips_and_drop_context_for_cfg():
     terms = dfm_training_losses(den, DiscreteSchedule("cosine"), views, lpips=fake_lpips, patch_size=8, p_uncond=1.0)
     assert calls == [torch.Size([4, 3, 8, 8])]  # B * M patches of 8 x 8
     assert terms["lpips"] > 0 and terms["cond_mse"] == 0  # every scene unconditional: no cond loss
+
+
+def test_pixelnerf_stage_and_joint_field_initialisation():
+    den = tiny_denoiser(n_coarse=4, n_fine=4, cond_n_coarse=4)
+    views = _batch(B=1, Nc=2, M=1)
+    terms = pixelnerf_losses(den, views, patch_size=8, generator=torch.Generator().manual_seed(0))
+    terms["loss"].backward()
+    assert den.cond_field.lin_out.weight.grad.abs().sum() > 0 and den.field.lin_out.weight.grad is None
+    init_joint_field_from_context_field(den)
+    K, c2w = views.K, views.c2w
+    scene = den.encode_context(views.images[:, :2], K[:, :2], c2w[:, :2])
+    pts = torch.randn(1, 30, 3) * 0.3
+    with torch.no_grad():
+        s1, c1, f1 = den.cond_field(scene, pts)
+        s2, c2, f2 = den.field(scene, pts)
+    assert torch.allclose(s1, s2) and torch.allclose(c1, c2) and f1.shape[-1] == 4 and f2.shape[-1] == 0
 
 
 # -------------------------------------------------------------------------------------------- sampling

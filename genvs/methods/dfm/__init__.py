@@ -6,6 +6,8 @@ from genvs.methods.dfm.network import (
     dfm_sample,
     dfm_sample_autoregressive,
     dfm_training_losses,
+    init_joint_field_from_context_field,
+    pixelnerf_losses,
     random_patches,
     sampler_time,
 )
@@ -25,6 +27,8 @@ __all__ = [
     "dfm_sample",
     "dfm_sample_autoregressive",
     "dfm_training_losses",
+    "init_joint_field_from_context_field",
+    "pixelnerf_losses",
     "random_patches",
     "sampler_time",
 ]

@@ -34,6 +34,8 @@ __all__ = [
     "DFMOutput",
     "random_patches",
     "dfm_training_losses",
+    "pixelnerf_losses",
+    "init_joint_field_from_context_field",
     "sampler_time",
     "dfm_sample",
     "dfm_sample_autoregressive",
@@ -278,6 +280,50 @@ def dfm_training_losses(
     cond_mse = (cond_err * keep).sum() / keep.sum().clamp_min(1)
     loss = mse + lpips_weight * lp + cond_weight * cond_mse
     return {"loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "cond_mse": cond_mse.detach(), "t": t.mean()}
+
+
+def pixelnerf_losses(
+    denoiser: DFMDenoiser,
+    views: Views,
+    lpips: nn.Module | None = None,
+    patch_size: int = 24,
+    lpips_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Stage 1 of DFM's training: a deterministic pixelNeRF (encoder + context-only field) that renders every
+    target view from the context alone, on one random patch per scene, with the joint renderer's samples.
+
+    Returns ``{"loss", "mse", "lpips"}``. Afterwards `init_joint_field_from_context_field` initialises the
+    joint field from it (the official code loads the pixelNeRF weights into both fields).
+    """
+    if views.num_context < 1 or views.V - views.num_context < 1 or views.images is None:
+        raise ValueError(f"pixelNeRF training needs >= 1 context and >= 1 target view with images, got {views!r}")
+    ctx, trg = views.context, views.targets
+    B, M, H, W = trg.B, trg.V, trg.H, trg.W
+    scene = denoiser.encode_context(ctx.images, ctx.K, ctx.c2w)
+    uv, idx = random_patches(B, M, H, W, patch_size, generator, views.device)
+    out = denoiser.renderer.render_pixels(lambda p: denoiser.cond_field(scene, p), trg.K, trg.c2w, uv)
+    gt = _gather_pixels(trg.images, idx)
+    mse = (out.rgb.float() - gt.float()).pow(2).mean()
+    s = int(round(idx.shape[-1] ** 0.5))
+    if lpips is not None:
+        to_img = lambda x: x.reshape(B * M, s, s, 3).permute(0, 3, 1, 2).float()  # noqa: E731
+        lp = lpips(to_img(out.rgb), to_img(gt)).mean()
+    else:
+        lp = mse.new_zeros(())
+    return {"loss": mse + lpips_weight * lp, "mse": mse.detach(), "lpips": lp.detach()}
+
+
+@torch.no_grad()
+def init_joint_field_from_context_field(denoiser: DFMDenoiser) -> None:
+    """Copy the context-only field's weights into the joint field (its output layer: density and colour
+    rows only; the context-only field also outputs ``cond_features`` features)."""
+    src = denoiser.cond_field.state_dict()
+    dst = denoiser.field.state_dict()
+    for k, v in dst.items():
+        w = src[k]
+        dst[k] = w[: v.shape[0]].clone() if k.startswith("lin_out.") else w.clone()
+    denoiser.field.load_state_dict(dst)
 
 
 # ----------------------------------------------------------------------------------------------

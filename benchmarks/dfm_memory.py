@@ -1,0 +1,116 @@
+"""Peak memory of one DFM training step (forward + backward of `dfm_training_losses`) on CPU.
+
+Each configuration runs in a fresh subprocess; the figure is the growth of the process's peak resident
+set size (``ru_maxrss``) during the step, over the high-water mark before it (model and batch built).
+It measures what chunking, per-chunk gradient checkpointing, bf16 autocast and DiT block checkpointing
+save; absolute numbers are CPU allocator figures, not CUDA ones. Times are not benchmarks (shared CPU;
+bf16 matmuls are far slower than fp32 on CPUs without native bf16, e.g. AVX2-only ones).
+
+    python benchmarks/dfm_memory.py                 # the 32 px table
+    python benchmarks/dfm_memory.py --preset 64     # full-width field at 64 px (slow on CPU)
+    python benchmarks/dfm_memory.py --one '{"size": 32, ...}'   # one configuration (used internally)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRESETS = {
+    "32": dict(
+        base=dict(size=32, num_context=2, num_targets=2, batch=1, hidden=256, feature_dim=256, cond_features=64,
+                  n_coarse=32, n_fine=32, cond_n_coarse=32, patch=24, dit=dict(hidden_size=128, depth=2, num_heads=4)),
+        runs=[
+            dict(name="no chunking, no checkpoint, fp32", chunk_rays=10**9, checkpoint=False, bf16=False),
+            dict(name="chunks of 256 rays, no checkpoint, fp32", chunk_rays=256, checkpoint=False, bf16=False),
+            dict(name="chunks of 256 rays + checkpoint, fp32", chunk_rays=256, checkpoint=True, bf16=False),
+            dict(name="chunks of 64 rays + checkpoint, fp32", chunk_rays=64, checkpoint=True, bf16=False),
+            dict(name="chunks of 64 rays + checkpoint + DiT block checkpoint, fp32", chunk_rays=64, checkpoint=True,
+                 bf16=False, dit_checkpoint=True),
+            dict(name="chunks of 64 rays + checkpoint, bf16 autocast", chunk_rays=64, checkpoint=True, bf16=True),
+        ],
+    ),
+    "64": dict(
+        base=dict(size=64, num_context=3, num_targets=2, batch=1, hidden=512, feature_dim=512, cond_features=64,
+                  n_coarse=64, n_fine=64, cond_n_coarse=64, patch=24, dit=dict(hidden_size=128, depth=2, num_heads=4)),
+        runs=[
+            dict(name="64 px, official field width, chunks of 512 rays + checkpoint, bf16", chunk_rays=512,
+                 checkpoint=True, bf16=True),
+        ],
+    ),
+}
+
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_one(cfg: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from genvs.core.cameras import intrinsics_from_fov, orbit_poses
+    from genvs.core.diffusion import DiscreteSchedule
+    from genvs.core.views import Views
+    from genvs.methods.dfm import DFMDenoiser, dfm_training_losses
+
+    torch.manual_seed(0)
+    H, Nc, M, B = cfg["size"], cfg["num_context"], cfg["num_targets"], cfg["batch"]
+    dit = dict(cfg["dit"], stem_channels=64, gradient_checkpointing=cfg.get("dit_checkpoint", False))
+    den = DFMDenoiser(
+        encoder="dit", encoder_kwargs=dit, feature_dim=cfg["feature_dim"], cond_features=cfg["cond_features"],
+        mlp_hidden=cfg["hidden"], near=0.5, far=4.0, n_coarse=cfg["n_coarse"], n_fine=cfg["n_fine"],
+        cond_n_coarse=cfg["cond_n_coarse"], chunk_rays=cfg["chunk_rays"], checkpoint=cfg["checkpoint"],
+    )
+    den = den.to(memory_format=torch.channels_last)
+    c2w = orbit_poses(Nc + M, radius=2.0).expand(B, -1, -1, -1).clone()
+    K = intrinsics_from_fov(50.0, H).expand(B, Nc + M, 3, 3).clone()
+    views = Views(torch.rand(B, Nc + M, 3, H, H) * 2 - 1, K, c2w, num_context=Nc)
+    schedule = DiscreteSchedule("cosine")
+    before = rss_peak_mib()
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"]):
+        terms = dfm_training_losses(den, schedule, views, patch_size=cfg["patch"])
+    terms["loss"].backward()
+    seconds = time.perf_counter() - t0
+    after = rss_peak_mib()
+    params = sum(p.numel() for p in den.parameters())
+    return dict(cfg, step_peak_mib=round(after - before, 1), seconds=round(seconds, 1), params=params,
+                loss=float(terms["loss"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="32", choices=sorted(PRESETS))
+    ap.add_argument("--one", help="JSON configuration to run in this process")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dfm_memory.json"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    preset = PRESETS[args.preset]
+    results = []
+    for run in preset["runs"]:
+        cfg = dict(preset["base"], **run)
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"configuration {run['name']!r} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(res)
+        print(f"| {res['name']} | {res['step_peak_mib']:.0f} MiB | {res['seconds']:.1f} s |", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    old[args.preset] = results
+    out.write_text(json.dumps(old, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
