@@ -1,7 +1,9 @@
 """Peak memory of one DFM training step (forward + backward of `dfm_training_losses`) on CPU.
 
-Each configuration runs in a fresh subprocess; the figure is the growth of the process's peak resident
-set size (``ru_maxrss``) during the step, over the high-water mark before it (model and batch built).
+Each configuration runs in a fresh subprocess. Two figures: the peak of live tensor bytes during the step
+(allocation and free events of the torch profiler, replayed in order: what a GPU caching allocator would
+need at least), and the growth of the process's peak resident set size (``ru_maxrss``) over its
+high-water mark before the step (glibc's mmap threshold is pinned so freed buffers go back to the OS).
 It measures what chunking, per-chunk gradient checkpointing, bf16 autocast and DiT block checkpointing
 save; absolute numbers are CPU allocator figures, not CUDA ones. Times are not benchmarks (shared CPU;
 bf16 matmuls are far slower than fp32 on CPUs without native bf16, e.g. AVX2-only ones).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,8 +44,8 @@ PRESETS = {
         base=dict(size=64, num_context=3, num_targets=2, batch=1, hidden=512, feature_dim=512, cond_features=64,
                   n_coarse=64, n_fine=64, cond_n_coarse=64, patch=24, dit=dict(hidden_size=128, depth=2, num_heads=4)),
         runs=[
-            dict(name="64 px, official field width, chunks of 512 rays + checkpoint, bf16", chunk_rays=512,
-                 checkpoint=True, bf16=True),
+            dict(name="64 px, official field width, chunks of 128 rays + checkpoint, fp32", chunk_rays=128,
+                 checkpoint=True, bf16=False),
         ],
     ),
 }
@@ -74,16 +77,23 @@ def run_one(cfg: dict) -> dict:
     K = intrinsics_from_fov(50.0, H).expand(B, Nc + M, 3, 3).clone()
     views = Views(torch.rand(B, Nc + M, 3, H, H) * 2 - 1, K, c2w, num_context=Nc)
     schedule = DiscreteSchedule("cosine")
+    from torch.profiler import profile
+
     before = rss_peak_mib()
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"]):
-        terms = dfm_training_losses(den, schedule, views, patch_size=cfg["patch"])
-    terms["loss"].backward()
+    with profile(profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"]):
+            terms = dfm_training_losses(den, schedule, views, patch_size=cfg["patch"])
+        terms["loss"].backward()
     seconds = time.perf_counter() - t0
     after = rss_peak_mib()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage  # allocations (+) and frees (-) attributed to the innermost op
+        peak = max(peak, live)
     params = sum(p.numel() for p in den.parameters())
-    return dict(cfg, step_peak_mib=round(after - before, 1), seconds=round(seconds, 1), params=params,
-                loss=float(terms["loss"]))
+    return dict(cfg, tensor_peak_mib=round(peak / 2**20, 1), rss_growth_mib=round(after - before, 1),
+                seconds=round(seconds, 1), params=params, loss=float(terms["loss"]))
 
 
 def main() -> None:
@@ -97,14 +107,18 @@ def main() -> None:
         return
     preset = PRESETS[args.preset]
     results = []
+    print("| configuration | peak live tensors | peak RSS growth |\n| --- | --- | --- |", flush=True)
     for run in preset["runs"]:
         cfg = dict(preset["base"], **run)
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env
+        )
         if proc.returncode:
             raise SystemExit(f"configuration {run['name']!r} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(res)
-        print(f"| {res['name']} | {res['step_peak_mib']:.0f} MiB | {res['seconds']:.1f} s |", flush=True)
+        print(f"| {res['name']} | {res['tensor_peak_mib']:.0f} MiB | {res['rss_growth_mib']:.0f} MiB |", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}

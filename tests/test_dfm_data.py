@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from genvs.core.cameras import look_at
-from genvs.core.geometry import project_points, world_to_camera
+from genvs.core.geometry import project_points
 from genvs.data.co3d import CO3DScenes, co3d_camera_to_opencv, optical_axes_center, read_co3d_set_list
 from genvs.data.realestate10k import RealEstate10KScenes, parse_re10k_pose_file, re10k_to_opencv
 
@@ -117,7 +117,9 @@ def _write_co3d(root, H=24, W=32, radii=(2.0, 3.0), views=4):
                 }
             )
             set_list["train" if si == 0 else "val"].append([seq, num, img_rel])
-        seq_ann.append({"sequence_name": seq, "category": "hydrant", "video_length": views, "viewpoint_quality_score": float(si)})
+        seq_ann.append(
+            {"sequence_name": seq, "category": "hydrant", "video_length": views, "viewpoint_quality_score": float(si)}
+        )
     with gzip.open(cat / "frame_annotations.jgz", "wt", encoding="utf8") as f:
         json.dump(frames[::-1], f)  # unsorted on purpose
     with gzip.open(cat / "sequence_annotations.jgz", "wt", encoding="utf8") as f:
@@ -138,7 +140,7 @@ def test_co3d_reader_on_fake_layout(tmp_path):
     assert torch.allclose(item["c2w"], torch.tensor(c2ws, dtype=torch.float32), atol=1e-5)
     # 24x32 centre-cropped to 24x24 (x offset 4), resized by 16/24
     s = 16 / 24
-    Kexp = torch.tensor([[28 * s, 0, (32 / 2 + 1 - 4) * s], [0, 28 * s, (24 / 2 - 0.5) * s], [0, 0, 1]], dtype=torch.float32)
+    Kexp = torch.tensor([[28 * s, 0, (32 / 2 + 1 - 4) * s], [0, 28 * s, (24 / 2 - 0.5) * s], [0, 0, 1]])
     assert torch.allclose(item["K"], Kexp.expand(4, 3, 3), atol=1e-4)
     # the dot drawn at the world origin's projection is where the returned camera projects the origin
     uv, _ = project_points(torch.zeros(4, 1, 3), item["K"], item["c2w"])
@@ -215,7 +217,8 @@ def test_re10k_reader_on_fake_layout(tmp_path):
     assert item["images"].shape == (2, 3, 18, 18) and item["timestamps"].tolist() == [stamps[0], stamps[2]]
     assert torch.allclose(item["c2w"], torch.tensor(c2ws[[0, 2]], dtype=torch.float32), atol=1e-5)
     s = 18 / 36  # 36x64 centre-cropped to 36x36 (x offset 14), then halved
-    assert torch.allclose(item["K"][0], torch.tensor([[fx * 64 * s, 0, (cx * 64 - 14) * s], [0, fy * 36 * s, cy * 36 * s], [0, 0, 1]]), atol=1e-4)
+    Kexp = torch.tensor([[fx * 64 * s, 0, (cx * 64 - 14) * s], [0, fy * 36 * s, cy * 36 * s], [0, 0, 1]])
+    assert torch.allclose(item["K"][0], Kexp, atol=1e-4)
     uv, _ = project_points(torch.tensor([[[0.2, 0.1, 0.0]]]).expand(2, 1, 3), item["K"], item["c2w"])
     for v in range(2):
         y, x = divmod(int(item["images"][v].mean(0).argmax()), 18)

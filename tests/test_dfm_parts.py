@@ -238,7 +238,9 @@ def test_denoiser_shapes_at_32px(encoder, injection):
     B, Nc, M, H = 1, 2, 2, 32
     K, c2w = cameras(B, Nc + M, H)
     ctx = torch.rand(B, Nc, 3, H, H) * 2 - 1
-    out = den(ctx, K[:, :Nc], c2w[:, :Nc], torch.randn(B, 3, H, H), torch.rand(B), K[:, Nc], c2w[:, Nc], K[:, Nc:], c2w[:, Nc:])
+    cams = (K[:, :Nc], c2w[:, :Nc])
+    tgt = (K[:, Nc], c2w[:, Nc], K[:, Nc:], c2w[:, Nc:])
+    out = den(ctx, *cams, torch.randn(B, 3, H, H), torch.rand(B), *tgt)
     assert out.render.rgb.shape == (B, M, 3, H, H)
     assert out.render.depth.shape == (B, M, 1, H, H)
     assert out.cond.shape == (B, 3 + 1 + 64, H, H)
@@ -246,7 +248,7 @@ def test_denoiser_shapes_at_32px(encoder, injection):
     assert out.scene.N == Nc + 1 and torch.equal(out.scene.t[:, :Nc], torch.zeros(B, Nc))
     assert out.render.rgb.abs().max() <= 1.0 and torch.isfinite(out.render.rgb).all()
     uv, idx = random_patches(B, M, H, H, 8)
-    out = den(ctx, K[:, :Nc], c2w[:, :Nc], torch.randn(B, 3, H, H), torch.rand(B), K[:, Nc], c2w[:, Nc], K[:, Nc:], c2w[:, Nc:], uv)
+    out = den(ctx, *cams, torch.randn(B, 3, H, H), torch.rand(B), *tgt, uv)
     assert out.render.rgb.shape == (B, M, 64, 3)
 
 
@@ -264,7 +266,8 @@ def test_scene_renders_many_poses_and_reproduces_the_x0_render():
     B, Nc, H = 1, 2, 16
     K, c2w = cameras(B, Nc + 1, H)
     with torch.no_grad():
-        out = den(torch.rand(B, Nc, 3, H, H) * 2 - 1, K[:, :Nc], c2w[:, :Nc], torch.randn(B, 3, H, H), torch.tensor([0.3]), K[:, Nc], c2w[:, Nc])
+        ctx = torch.rand(B, Nc, 3, H, H) * 2 - 1
+        out = den(ctx, K[:, :Nc], c2w[:, :Nc], torch.randn(B, 3, H, H), torch.tensor([0.3]), K[:, Nc], c2w[:, Nc])
         orbit = orbit_poses(5, radius=1.5)[None]
         video = den.render(out.scene, K[:, :1].expand(B, 5, 3, 3), orbit)
         again = den.render(out.scene, K[:, Nc:], c2w[:, Nc:])
@@ -362,6 +365,7 @@ def test_sampling_with_guidance_temperature_and_autoregressive_mode():
         video = den.render(scene, K[:, :1].expand(B, 3, 3, 3), orbit_poses(3, radius=1.5)[None])
     assert video.rgb.shape == (B, 3, 3, H, H)
     xs, scene = dfm_sample_autoregressive(
-        den, schedule, sampler.replace(guidance_scale=1.0), ctx, K[:, :Nc], c2w[:, :Nc], K[:, Nc:], c2w[:, Nc:], generator=g
+        den, schedule, sampler.replace(guidance_scale=1.0), ctx, K[:, :Nc], c2w[:, :Nc], K[:, Nc:], c2w[:, Nc:],
+        generator=g,
     )
     assert xs.shape == (B, 2, 3, H, H) and scene.N == Nc + 1 + 1  # context + first sample + target

@@ -67,7 +67,9 @@ def co3d_camera_to_opencv(
     elif fmt == "ndc_norm_image_bounds":
         rescale = half_wh
     else:
-        raise ValueError(f"unknown CO3D intrinsics_format {intrinsics_format!r} (ndc_isotropic | ndc_norm_image_bounds)")
+        raise ValueError(
+            f"unknown CO3D intrinsics_format {intrinsics_format!r}: use 'ndc_isotropic' or 'ndc_norm_image_bounds'"
+        )
     f_px = f * rescale
     p_px = half_wh - p * rescale  # NDC +x is left: pixel u grows as x_ndc falls
     K = torch.zeros(*f.shape[:-1], 3, 3, dtype=torch.float64)
@@ -320,7 +322,9 @@ class CO3DScenes(Dataset):
             fr = frames[j]
             img = load_rgb(self.root / fr.image_path)
             if tuple(img.shape[-2:]) != fr.image_size:
-                raise ValueError(f"image {self.root / fr.image_path} is {tuple(img.shape[-2:])}, annotation says {fr.image_size}")
+                raise ValueError(
+                    f"image {self.root / fr.image_path} is {tuple(img.shape[-2:])}, its annotation says {fr.image_size}"
+                )
             if self.load_masks:
                 if fr.mask_path is None:
                     raise ValueError(f"load_masks=True but frame {fr.image_path} has no mask path")

@@ -101,7 +101,9 @@ class RealEstate10KScenes(Dataset):
         self.pose_dir = Path(pose_root) / split
         self.frames_dir = Path(frames_root) / split
         if not self.pose_dir.is_dir():
-            raise FileNotFoundError(f"RealEstate10K camera folder {self.pose_dir} not found (expected <pose_root>/{split}/*.txt)")
+            raise FileNotFoundError(
+                f"RealEstate10K camera folder {self.pose_dir} not found (expected <pose_root>/{split}/*.txt)"
+            )
         if not self.frames_dir.is_dir():
             raise FileNotFoundError(
                 f"RealEstate10K frames folder {self.frames_dir} not found: extract each video's frames at the "
@@ -148,7 +150,9 @@ class RealEstate10KScenes(Dataset):
         indices = [int(j) for j in indices]
         bad = [j for j in indices if not 0 <= j < len(ts)]
         if bad:
-            raise IndexError(f"RealEstate10K sequence {self.sequences[i]} has {len(ts)} frames; indices {bad} are out of range")
+            raise IndexError(
+                f"RealEstate10K sequence {self.sequences[i]} has {len(ts)} frames; indices {bad} are out of range"
+            )
         images, Ks, c2ws = [], [], []
         for j in indices:
             img = load_rgb(self.frame_path(i, int(ts[j])))

@@ -113,7 +113,9 @@ class DFMDenoiser(nn.Module):
         )
         self.cond_field = PixelNeRFField(n_feats_out=cond_features, **field_kw)
         self.field = PixelNeRFField(n_feats_out=0, **field_kw)
-        rkw = dict(near=near, far=far, chunk_rays=chunk_rays, checkpoint=checkpoint, background=background, lindisp=lindisp)
+        rkw = dict(
+            near=near, far=far, chunk_rays=chunk_rays, checkpoint=checkpoint, background=background, lindisp=lindisp
+        )
         self.cond_renderer = VolumeRenderer(n_coarse=cond_n_coarse, n_fine=cond_n_fine, **rkw)
         self.renderer = VolumeRenderer(n_coarse=n_coarse, n_fine=n_fine, **rkw)
 

@@ -167,7 +167,9 @@ class DiTBlock(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden)
+        )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:  # x [N, L, D], c [N, D]
@@ -466,7 +468,7 @@ class PixelNeRFField(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def sample_features(self, scene: Scene, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Features and camera-space points of ``points [B, P, 3]`` in every view: ``[B, N, P, F]``, ``[B, N, P, 3]``."""
+        """Features ``[B, N, P, F]`` and camera-frame coordinates ``[B, N, P, 3]`` of ``points [B, P, 3]``."""
         B, N = scene.B, scene.N
         P = points.shape[1]
         pts = points[:, None].expand(B, N, P, 3)
@@ -475,13 +477,17 @@ class PixelNeRFField(nn.Module):
         H, W = scene.image_size
         grid = pixels_to_grid(uv, H, W).flatten(0, 1)[:, :, None]  # [B*N, P, 1, 2]
         fmap = scene.feats.flatten(0, 1)  # [B*N, F, h, w]
-        f = F.grid_sample(fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode=self.padding_mode, align_corners=False)
+        f = F.grid_sample(
+            fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode=self.padding_mode, align_corners=False
+        )
         f = f[..., 0].transpose(1, 2).unflatten(0, (B, N))  # [B, N, P, F]
         return f, p_cam
 
     def forward(self, scene: Scene, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if scene.feats.shape[2] != self.feat_dim:
-            raise ValueError(f"PixelNeRFField expects {self.feat_dim}-channel features, scene has {scene.feats.shape[2]}")
+            raise ValueError(
+                f"PixelNeRFField expects {self.feat_dim}-channel features, the scene has {scene.feats.shape[2]}"
+            )
         f, p_cam = self.sample_features(scene, points)
         pe = posenc_nerf(p_cam * self.freq_factor, 0, self.num_freqs)  # [B, N, P, 39]
         temb = timestep_embedding(scene.t.reshape(-1) * self.time_scale, self.hidden)

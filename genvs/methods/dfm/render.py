@@ -146,7 +146,10 @@ class VolumeRenderer(nn.Module):
         if not 0 < near < far:
             raise ValueError(f"VolumeRenderer needs 0 < near < far, got near={near}, far={far}")
         if n_coarse < 1 or n_fine < 0 or chunk_rays < 1:
-            raise ValueError(f"VolumeRenderer: n_coarse={n_coarse} >= 1, n_fine={n_fine} >= 0, chunk_rays={chunk_rays} >= 1")
+            raise ValueError(
+                f"VolumeRenderer needs n_coarse >= 1, n_fine >= 0, chunk_rays >= 1; "
+                f"got {n_coarse}, {n_fine}, {chunk_rays}"
+            )
         self.near, self.far = float(near), float(far)
         self.n_coarse, self.n_fine = n_coarse, n_fine
         self.chunk_rays, self.checkpoint, self.lindisp, self.perturb = chunk_rays, checkpoint, lindisp, perturb
