@@ -248,8 +248,9 @@ def dfm_training_losses(
     target 0 against target 0. With probability ``p_uncond`` a scene's context images are zeroed (the
     unconditional model of classifier-free guidance) and its ``cond_mse`` is dropped.
 
-    Returns ``{"loss", "mse", "lpips", "cond_mse", "t"}``; ``loss = mse + lpips_weight * lpips +
-    cond_weight * cond_mse`` (official weights: LPIPS 1 on RealEstate10K, 0 on CO3D; cond 1).
+    Returns ``{"loss", "mse", "lpips", "cond_mse"}``: ``loss = mse + lpips_weight * lpips + cond_weight *
+    cond_mse`` is the one to backpropagate (official weights: LPIPS 1 on RealEstate10K, 0 on CO3D; cond 1);
+    the other terms are detached, for logging.
     """
     if views.num_context < 1 or views.V - views.num_context < 1 or views.images is None:
         raise ValueError(f"DFM training needs >= 1 context and >= 1 target view with images, got {views!r}")
@@ -281,7 +282,7 @@ def dfm_training_losses(
     cond_err = (out.cond_render.rgb[:, 0].float() - x0.float()).pow(2).flatten(1).mean(1)  # [B]
     cond_mse = (cond_err * keep).sum() / keep.sum().clamp_min(1)
     loss = mse + lpips_weight * lp + cond_weight * cond_mse
-    return {"loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "cond_mse": cond_mse.detach(), "t": t.mean()}
+    return {"loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "cond_mse": cond_mse.detach()}
 
 
 def pixelnerf_losses(
