@@ -29,8 +29,13 @@ from genvs.methods.dfm.render import composite_weights, interval_edges, sample_p
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Tiny tensors: one thread is faster than two (and far faster on a shared, busy CPU)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2, stem_channels=8)
