@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from genvs.core.config import Configurable
+
 __all__ = [
     "NoiseSchedule",
     "CosineLogSNRSchedule",
@@ -46,7 +48,7 @@ def _bcast(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(*x.shape, *([1] * (like.ndim - x.ndim)))
 
 
-class NoiseSchedule(nn.Module):
+class NoiseSchedule(Configurable):
     """Continuous-time schedule ``t -> logsnr``. Subclasses implement `logsnr`.
 
     ``num_train_timesteps`` (T) is the grid the diffusers samplers step on; when ``discrete_training``
@@ -54,7 +56,6 @@ class NoiseSchedule(nn.Module):
     """
 
     def __init__(self, num_train_timesteps: int = 1000, discrete_training: bool = False):
-        super().__init__()
         self.num_train_timesteps = num_train_timesteps
         self.discrete_training = discrete_training
 
@@ -131,18 +132,18 @@ class DiscreteSchedule(NoiseSchedule):
         else:
             raise ValueError(f"beta_schedule={beta_schedule!r}: use 'linear', 'scaled_linear' or 'cosine'")
         ac = torch.cumprod(1 - betas, 0)
-        self.register_buffer("grid_logsnr", torch.log(ac) - torch.log1p(-ac), persistent=False)  # [T]
+        self.grid_logsnr = torch.log(ac) - torch.log1p(-ac)  # [T] float64
 
     def logsnr(self, t: Tensor) -> Tensor:
         T = self.num_train_timesteps
         pos = (t * T - 1).clamp(0, T - 1)  # fractional grid index
         lo = pos.floor().long().clamp(max=T - 2)
-        w = (pos - lo).to(self.grid_logsnr.dtype)
         grid = self.grid_logsnr.to(t.device)
+        w = (pos - lo).to(grid.dtype)
         return (grid[lo] * (1 - w) + grid[lo + 1] * w).to(t.dtype if t.is_floating_point() else torch.float32)
 
     def alphas_cumprod(self) -> Tensor:
-        return torch.sigmoid(self.grid_logsnr.double())
+        return torch.sigmoid(self.grid_logsnr)
 
 
 def q_sample(x0: Tensor, logsnr: Tensor, eps: Tensor) -> Tensor:

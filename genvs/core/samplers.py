@@ -18,6 +18,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
+from genvs.core.config import Configurable, build, spec
 from genvs.core.diffusion import DIFFUSERS_PREDICTION, NoiseSchedule, Prediction, predict_x0_eps
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "Sampler", "cfg_combine", "stochastic_conditioning"]
@@ -96,13 +97,14 @@ def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
-class Sampler:
+class Sampler(Configurable):
     """Denoising loop over a diffusers scheduler.
 
     Args:
         scheduler: any diffusers scheduler (DDPM ancestral, genvs' fixed DDIM, DPM-Solver++, ...). Its
             betas and prediction type are replaced by the model's noise schedule and parameterisation
-            when the sampler is bound to a model; its other settings (spacing, eta, solver order) stay.
+            when the sampler is bound to a model; its other settings (timestep spacing, x0 clipping,
+            solver order, ...) are used as given.
         num_steps: denoising steps.
         guidance_scale: classifier-free guidance scale, ``1.0`` = off.
         eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like); ignored by other schedulers.
@@ -111,7 +113,7 @@ class Sampler:
 
     def __init__(
         self,
-        scheduler: SchedulerMixin | None = None,
+        scheduler: SchedulerMixin = spec(DDIMScheduler, timestep_spacing="trailing"),
         num_steps: int = 50,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
@@ -119,7 +121,7 @@ class Sampler:
     ):
         if num_steps < 1:
             raise ValueError(f"Sampler(num_steps={num_steps}) must be at least 1")
-        self.scheduler = scheduler if scheduler is not None else DDIMScheduler(timestep_spacing="trailing")
+        self.scheduler = build(scheduler, SchedulerMixin, "scheduler")
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.eta = eta
@@ -154,10 +156,6 @@ class Sampler:
             trained_betas=schedule.betas().tolist(),
             prediction_type=DIFFUSERS_PREDICTION[prediction],
         )
-        if "clip_sample" in config:
-            config["clip_sample"] = False  # genvs clips explicitly where a method wants it
-        if "set_alpha_to_one" in config:
-            config["set_alpha_to_one"] = True  # the last DDIM step lands on the clean sample
         self._bound = type(self.scheduler).from_config(config)
         return self._bound
 

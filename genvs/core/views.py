@@ -8,7 +8,9 @@ the inputs (context) and the rest are the targets to generate. Conventions:
   ``(i + 0.5)``, so resizing by a factor ``s`` scales ``fx, fy, cx, cy`` by ``s``;
 - ``c2w`` ``[B, V, 4, 4]`` OpenCV camera-to-world (x right, y down, z forward);
 - ``depth`` ``[B, V, 1, H, W]`` optional z-depth along the optical axis, 0 where unknown;
-- ``mask`` ``[B, V, 1, H, W]`` optional validity / foreground mask in ``{0, 1}``.
+- ``mask`` ``[B, V, 1, H, W]`` optional validity / foreground mask in ``{0, 1}``;
+- ``labels`` ``[B]`` optional class labels (class-conditional methods, ``-1`` = none);
+- ``prompts`` optional text per view: ``B`` lists of ``V`` strings (text-conditional methods).
 
 ``images`` may be ``None`` for targets that are only cameras (what to render); then ``size`` gives
 ``(H, W)``.
@@ -48,6 +50,8 @@ class Views:
     scene: list[str] = field(default_factory=list)  # B scene ids ("" when unknown)
     index: Tensor | None = None  # [B, V] view indices within each scene
     size: tuple[int, int] | None = None  # (H, W) when images is None
+    labels: Tensor | None = None  # [B] class labels, -1 = unlabelled
+    prompts: list[list[str]] | None = None  # B lists of V prompts
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,10 +110,14 @@ class Views:
             raise ViewsError(f"Views.num_context={self.num_context} must lie in [0, V={V}]")
         if self.scene and len(self.scene) != B:
             raise ViewsError(f"Views.scene must list B={B} scene ids, got {len(self.scene)}")
+        if self.labels is not None and self.labels.shape != (B,):
+            raise ViewsError(f"Views.labels must be [B] = [{B}] class labels, got {_shape(self.labels)}")
+        if self.prompts is not None and (len(self.prompts) != B or any(len(p) != V for p in self.prompts)):
+            raise ViewsError(f"Views.prompts must be B={B} lists of V={V} strings (one prompt per view)")
 
     # ------------------------------------------------------------------------------ transforms
     def _tensor_fields(self) -> dict[str, Tensor]:
-        names = ("images", "K", "c2w", "depth", "mask", "index")
+        names = ("images", "K", "c2w", "depth", "mask", "index")  # [B, V, ...] fields
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def apply(self, fn: Callable[[str, Tensor], Tensor], **changes) -> "Views":
@@ -119,13 +127,22 @@ class Views:
         return dataclasses.replace(self, **new)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Views":
-        """Move to ``device``; cast floating fields (not ``index``) to ``dtype``."""
-        return self.apply(lambda n, t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        """Move to ``device``; cast floating fields (not ``index``/``labels``) to ``dtype``."""
+        labels = None if self.labels is None else self.labels.to(device)
+        return self.apply(lambda n, t: t.to(device=device, dtype=dtype if t.is_floating_point() else None), labels=labels)
 
     def select(self, idx: int | slice | Sequence[int] | Tensor, num_context: int = 0) -> "Views":
         """Views ``idx`` of every scene. ``idx`` is an int, slice, list, ``[V']`` or per-scene ``[B, V']``."""
         if isinstance(idx, int):
             idx = [idx]
+        prompts = None
+        if self.prompts is not None:
+            if isinstance(idx, Tensor) and idx.ndim == 2:
+                prompts = [[p[int(i)] for i in row] for p, row in zip(self.prompts, idx)]
+            elif isinstance(idx, slice):
+                prompts = [p[idx] for p in self.prompts]
+            else:
+                prompts = [[p[int(i)] for i in idx] for p in self.prompts]
         if isinstance(idx, Tensor) and idx.ndim == 2:
             def take(_, t):
                 ix = idx.to(t.device).view(*idx.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:])
@@ -136,7 +153,7 @@ class Views:
 
             def take(_, t):
                 return t[:, idx.to(t.device) if isinstance(idx, Tensor) else idx]
-        return self.apply(take, num_context=num_context)
+        return self.apply(take, num_context=num_context, prompts=prompts)
 
     def split(self, n: int | None = None) -> tuple["Views", "Views"]:
         """(context, targets): the first ``n`` views (default ``num_context``) and the rest."""
@@ -161,15 +178,26 @@ class Views:
             if any(p is None for p in parts):
                 raise ViewsError(f"cannot concatenate Views where only some have {name!r}")
             out[name] = torch.cat(parts, dim=dim)
+        has_prompts = [v.prompts is not None for v in views]
+        if any(has_prompts) and not all(has_prompts):
+            raise ViewsError("cannot concatenate Views where only some have prompts")
         if dim == 0:
             scene = [s for v in views for s in (v.scene or [""] * v.B)]
             nc = first.num_context if num_context is None else num_context
+            prompts = [p for v in views for p in v.prompts] if all(has_prompts) and views else None
+            labels = [v.labels for v in views]
+            if any(lab is not None for lab in labels):
+                labels = [lab if lab is not None else torch.full((v.B,), -1, dtype=torch.long) for lab, v in zip(labels, views)]
+                out["labels"] = torch.cat(labels)
         else:
             scene = first.scene
             nc = sum(v.V for v in views[:-1]) if num_context is None else num_context
-        for name in ("depth", "mask", "index", "images"):
+            prompts = [sum(ps, []) for ps in zip(*[v.prompts for v in views])] if all(has_prompts) else None
+            out["labels"] = first.labels
+        for name in ("depth", "mask", "index", "images", "labels"):
             out.setdefault(name, None)
-        return Views(**out, num_context=nc, scene=list(scene), size=first.size if first.images is None else None)
+        size = first.size if first.images is None else None
+        return Views(**out, num_context=nc, scene=list(scene), size=size, prompts=prompts)
 
     collate = staticmethod(lambda items: Views.cat(items, dim=0))
 

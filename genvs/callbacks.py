@@ -1,0 +1,148 @@
+"""Lightning plumbing shared by every method: image grids, prediction writer, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from genvs.core.views import Views
+
+__all__ = ["views_grid", "save_gif", "PredictionWriter", "AtomicCheckpointIO", "CheckpointError", "check_checkpoint"]
+
+
+def _to_unit(x: Tensor) -> Tensor:
+    return (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+
+
+def views_grid(context: Tensor, pred: Tensor, target: Tensor | None = None, pad: int = 2) -> Tensor:
+    """``[3, H', W']`` grid in [0, 1]: one row per scene with its context views, then the generated
+    views, then (if given) the ground truth. Inputs are ``[B, V, 3, H, W]`` in [-1, 1]."""
+    parts = [context, pred] + ([target] if target is not None else [])
+    rows = torch.cat([_to_unit(p) for p in parts], dim=1)  # [B, Vc + Vp (+ Vt), 3, H, W]
+    return make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=pad, pad_value=1.0)
+
+
+def save_gif(frames: Tensor, path: str | Path, fps: int = 8) -> None:
+    """Write ``[N, 3, H, W]`` frames in [-1, 1] as a looping GIF."""
+    arr = (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
+    images = [Image.fromarray(a) for a in arr]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+class PredictionWriter(L.Callback):
+    """Writes what `genvs predict` generates, one folder per scene::
+
+        <output_dir>/<scene>/context_<i>.png   input views
+                            /view_<i>.png      generated views (i = view index in the scene)
+                            /gt_<i>.png        ground truth, when the dataset has it
+                            /grid.png          context | generated | ground truth
+                            /orbit.gif         the generated views in order
+
+    Args:
+        output_dir: where to write (default: ``<trainer.default_root_dir>/predictions``).
+        gif: write the orbit GIF.
+        fps: GIF frame rate.
+    """
+
+    def __init__(self, output_dir: str | None = None, gif: bool = True, fps: int = 8):
+        super().__init__()
+        self.output_dir = output_dir
+        self.gif = gif
+        self.fps = fps
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        return Path(self.output_dir or os.path.join(trainer.default_root_dir, "predictions"))
+
+    def on_predict_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not isinstance(outputs, dict) or "pred" not in outputs:
+            return
+        context: Views = outputs["context"]
+        pred: Views = outputs["pred"]
+        target: Views | None = outputs.get("target")
+        root = self._root(trainer)
+        for b in range(pred.B):
+            scene = (pred.scene or context.scene or [""] * pred.B)[b] or f"batch{batch_idx:05d}_{b:03d}"
+            folder = root / scene
+            folder.mkdir(parents=True, exist_ok=True)
+            for v in range(context.V):
+                idx = int(context.index[b, v]) if context.index is not None else v
+                save_image(_to_unit(context.images[b, v]), folder / f"context_{idx:04d}.png")
+            for v in range(pred.V):
+                idx = int(pred.index[b, v]) if pred.index is not None else v
+                save_image(_to_unit(pred.images[b, v]), folder / f"view_{idx:04d}.png")
+                if target is not None and target.images is not None:
+                    save_image(_to_unit(target.images[b, v]), folder / f"gt_{idx:04d}.png")
+            tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
+            save_image(views_grid(context.images[b : b + 1], pred.images[b : b + 1], tgt), folder / "grid.png")
+            if self.gif and pred.V > 1:
+                save_gif(pred.images[b], folder / "orbit.gif", self.fps)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise `CheckpointError` naming the file if it is missing, truncated or not a torch checkpoint.
+
+    torch checkpoints are zip archives; a truncated copy fails the archive's own CRC checks, which are
+    verified here before anything is loaded (so nothing is ever loaded half-way).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupt ({e}); it cannot be loaded. "
+            "Resume from an earlier checkpoint (e.g. the previous one in the same checkpoints/ folder)."
+        ) from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: member {bad!r} fails its CRC check; use an earlier checkpoint")
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file in the same folder, flushed, then renamed over the
+    target: a run killed mid-write leaves the previous checkpoint intact, never a truncated one.
+    Loading verifies the file first (`check_checkpoint`) and unpickles with ``weights_only=True``: a
+    checkpoint that would run code is refused."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint(path)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains objects that would run code when unpickled ({e}). "
+                "genvs checkpoints hold plain data only; only load this file if you trust its source, with "
+                "torch.load(path, weights_only=False) in your own code."
+            ) from None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()

@@ -1,0 +1,225 @@
+"""The ``genvs`` command.
+
+``genvs fit|validate|test|predict --config cfg.yaml`` run through `LightningCLI` in subclass mode: the
+model is any `BaseNVSModel` subclass and the data any `NVSDataModule` subclass, given as
+``class_path``/``init_args`` or by registry name (``--model threedim``). ``--print_config`` shows every
+default, nested components included. Extra commands:
+
+- ``genvs data toy --root data/toy [--toy.seed 0 --toy.resolution 64 ...]`` renders the procedural dataset;
+- ``genvs methods`` lists the built-in and plugin methods.
+
+`main` takes an argument list so tests and notebooks can run it in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from genvs.callbacks import PredictionWriter, check_checkpoint
+from genvs.core.model import BaseNVSModel
+from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
+from genvs.data.module import NVSDataModule
+
+__all__ = ["GenvsCLI", "main", "run"]
+
+
+class GenvsCLI(LightningCLI):
+    """LightningCLI with genvs defaults: precision chosen per device (below), atomic checkpoints every
+    500 steps plus ``last.ckpt`` (``--checkpoint.*`` configures them), a rich progress bar, LR monitoring,
+    and a prediction writer (``--predict_writer.output_dir``).
+
+    ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under ``trainer.default_root_dir`` (a new
+    run writes to a new version folder, so nothing of the old run is overwritten); any checkpoint is
+    verified before it is loaded, and loaded with ``weights_only=True``.
+
+    ``trainer.precision: null`` (the default) picks ``bf16-mixed`` on CUDA GPUs with bf16 support and
+    ``32-true`` elsewhere: on CPUs without AVX-512-BF16/AMX (e.g. AVX2-only machines) oneDNN has no fast
+    bf16 convolution and bf16 autocast runs several times slower than fp32 (see benchmarks/).
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # a rich progress bar unless the user turned progress bars off or brought their own; LR
+        # monitoring whenever there is a logger to write it to
+        cbs = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in cbs):
+            callbacks = [*callbacks, RichProgressBar(leave=True)]
+        if config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in cbs):
+            callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.get("trainer")
+        if trainer is not None and trainer.get("precision") is None:
+            trainer["precision"] = default_precision(trainer.get("accelerator"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and verify the checkpoint before Lightning reads its hyperparameters."""
+        sub = self.config.get("subcommand")
+        if sub:
+            cfg = self.config[sub]
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last":
+                root = cfg.get("trainer", {}).get("default_root_dir") or "."
+                cfg["ckpt_path"] = ckpt = find_last_checkpoint(root)
+                if ckpt is None:
+                    print(f"genvs: --ckpt_path last: no checkpoint under {root} yet; starting from scratch")
+                else:
+                    print(f"genvs: resuming from {ckpt}")
+            if ckpt is not None:
+                check_checkpoint(ckpt)
+        super()._parse_ckpt_path()
+
+
+def find_last_checkpoint(root: str) -> str | None:
+    """The newest ``last.ckpt`` under ``root`` (every version folder), or ``None``."""
+    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def default_precision(accelerator: str | None = "auto") -> str:
+    """``bf16-mixed`` where bf16 is fast (CUDA with bf16 support), else ``32-true``."""
+    import torch
+
+    wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    return {
+        "precision": None,
+        "plugins": [{"class_path": "genvs.callbacks.AtomicCheckpointIO"}],
+    }
+
+
+def _is_bare_name(value: str) -> bool:
+    return bool(value) and not any(c in value for c in ".:{}\n /")
+
+
+def _check_config_model(path: str) -> str:
+    """Validate a config file's model name; returns the config (rewritten as YAML text if it used a
+    registry name such as ``threedim`` that jsonargparse cannot resolve by itself)."""
+    p = Path(path)
+    if not p.is_file():
+        return path  # jsonargparse reports missing files and inline YAML itself
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return path
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    name = model if isinstance(model, str) else model.get("class_path") if isinstance(model, dict) else None
+    if not isinstance(name, str) or not _is_bare_name(name):
+        return path
+    full = resolve_method(name)  # raises UnknownMethodError listing the known methods
+    if isinstance(model, str):
+        cfg["model"] = {"class_path": full}
+    else:
+        model["class_path"] = full
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _resolve_methods(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in ("--model", "--model.class_path") and nxt is not None and _is_bare_name(nxt):
+            out += [arg, resolve_method(nxt)]
+            i += 2
+            continue
+        for flag in ("--model=", "--model.class_path="):
+            if arg.startswith(flag) and _is_bare_name(arg[len(flag):]):
+                arg = flag + resolve_method(arg[len(flag):])
+        if arg in ("--config", "-c") and nxt is not None:
+            out += [arg, _check_config_model(nxt)]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + _check_config_model(arg[len("--config="):])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _data_command(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from genvs.data.toy import ToyConfig, ensure_toy_dataset
+
+    parser = ArgumentParser(prog="genvs data", description="Prepare datasets.")
+    sub = parser.add_subcommands(dest="dataset")
+    toy = ArgumentParser(description="Render the procedural dataset (SRN layout, with depth).")
+    toy.add_argument("--root", default="data/toy", help="output folder")
+    toy.add_class_arguments(ToyConfig, "toy")
+    sub.add_subcommand("toy", toy, help="render the built-in procedural dataset")
+    cfg = parser.parse_args(argv)
+    toy_cfg = parser.instantiate(cfg).toy.toy
+    root = ensure_toy_dataset(cfg.toy.root, toy_cfg)
+    print(f"genvs: procedural dataset ready in {root}")
+    return 0
+
+
+def _methods_command(argv: list[str]) -> int:
+    errors = import_all()
+    for name, target in sorted(available_methods().items()):
+        status = f"  (broken: {errors[name]})" if name in errors else ""
+        print(f"{name:16s} {target}{status}")
+    return 0
+
+
+EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command}
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of the ``genvs`` command; ``args`` defaults to ``sys.argv[1:]``. Returns 0 on success."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    run(argv)
+    return 0
+
+
+def run(args: list[str]) -> GenvsCLI:
+    """Run a Lightning subcommand in-process and return the `GenvsCLI` (its ``trainer``, ``model``, ``datamodule``)."""
+    argv = list(args)
+    import_all()  # so class names of built-in and plugin methods resolve in configs
+    try:
+        argv = _resolve_methods(argv)
+    except UnknownMethodError as e:
+        print(f"genvs: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with warnings.catch_warnings():  # args is meant to replace sys.argv here
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return _run_cli(argv)
+
+
+def _run_cli(argv: list[str]) -> GenvsCLI:
+    return GenvsCLI(
+        BaseNVSModel,
+        NVSDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        trainer_defaults=_trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""`BaseNVSModel`: the contract every genvs method implements.
+
+A method subclasses `BaseNVSModel` and provides only what differs:
+
+- ``self.denoiser``: a plain ``nn.Module`` holding the trainable network(s);
+- ``training_loss(views) -> dict[str, Tensor]`` with at least ``"loss"``;
+- ``sample(context, targets, sampler=None, generator=None) -> Views``: the targets' cameras with
+  generated ``images`` (and ``depth`` where the method produces it).
+
+The base owns the rest: the optimizer and LR warmup/schedule, EMA weights (used for sampling and saved
+in checkpoints), logging of the loss terms and of image grids, validation/test (sample -> metrics),
+prediction (returns generated views for `genvs.callbacks.PredictionWriter`), the non-finite-loss policy,
+channels_last and precision handling. Subclasses call ``super().__init__(...)`` with the shared
+arguments and ``self.save_hyperparameters()`` is done here for every argument of the subclass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from lightning.pytorch.core.mixins import HyperparametersMixin
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.parsing import collect_init_args
+from torch import Tensor
+
+from genvs.core.config import build, to_spec
+from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.samplers import Sampler
+from genvs.core.views import Views
+
+__all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        name: any ``torch.optim`` class name (``Adam``, ``AdamW``, ...).
+        lr: peak learning rate.
+        betas: Adam-family betas.
+        weight_decay: weight decay.
+        warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
+        schedule: ``constant`` after warmup, or ``cosine`` decay to 0 at ``total_steps``
+            (default: the trainer's estimated number of steps).
+        total_steps: length of the cosine schedule.
+    """
+
+    name: str = "Adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    total_steps: int | None = None
+
+
+class BaseNVSModel(L.LightningModule):
+    """Base LightningModule of every method (see the module docstring for the contract).
+
+    Args:
+        noise_schedule: the training noise schedule; samplers are bound to it.
+        sampler: how `sample` denoises by default (diffusers scheduler, steps, guidance).
+        optim: optimizer and LR schedule.
+        ema_decay: EMA decay of the trainable weights; ``0`` disables EMA (sampling uses raw weights).
+        use_ema_for_eval: sample with the EMA weights in validation/test/predict.
+        channels_last: keep conv weights and activations in channels_last (fast bf16 convs on CPU/GPU).
+        nonfinite_loss: ``error`` stops with the batch's scene ids, ``skip`` skips the step and logs it.
+        sample_seed: seed of the sampling noise in validation/test/predict (per batch and rank).
+        num_log_images: scenes shown in the logged validation image grid.
+    """
+
+    prediction: Prediction = "eps"  # the denoiser's parameterisation; subclasses set it
+
+    def __init__(
+        self,
+        noise_schedule: NoiseSchedule | None = None,
+        sampler: Sampler | None = None,
+        optim: OptimConfig = OptimConfig(),
+        ema_decay: float = 0.9999,
+        use_ema_for_eval: bool = True,
+        channels_last: bool = True,
+        nonfinite_loss: Literal["error", "skip"] = "error",
+        sample_seed: int = 0,
+        num_log_images: int = 4,
+    ):
+        super().__init__()
+        self._save_plain_hyperparameters(inspect.currentframe())
+        self.noise_schedule: NoiseSchedule = build(noise_schedule, NoiseSchedule, "noise_schedule")
+        self.sampler: Sampler = build(sampler, Sampler, "sampler") if sampler is not None else Sampler()
+        self.optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
+        self.ema_decay = ema_decay
+        self.use_ema_for_eval = use_ema_for_eval
+        self.channels_last = channels_last
+        self.nonfinite_loss = nonfinite_loss
+        self.sample_seed = sample_seed
+        self.num_log_images = num_log_images
+        self.ema: EMA | None = None
+        self._val_scores: dict[str, list[Tensor]] = {}
+
+    def _save_plain_hyperparameters(self, frame) -> None:
+        """``save_hyperparameters`` over the whole subclass chain, with components stored as specs.
+
+        Under LightningCLI the parsed config is saved as is. Otherwise the constructor arguments of
+        every class in the chain are collected and components written back as ``class_path``/``init_args``
+        specs (`genvs.core.config.to_spec`), so checkpoints hold plain data, never pickled modules.
+        """
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()
+            return
+        init_args: dict[str, Any] = {}
+        for local in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
+            init_args.update(local)
+        self.save_hyperparameters(to_spec(init_args))
+
+    # ------------------------------------------------------------------------ subclass contract
+    denoiser: nn.Module
+
+    def training_loss(self, views: Views) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        context: Views,
+        targets: Views,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Views:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def configure_model(self) -> None:
+        """Create the EMA once the subclass has built ``self.denoiser`` (Lightning calls this hook)."""
+        if self.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if self.ema is None and self.ema_decay > 0:
+            self.ema = EMA(self.denoiser, decay=self.ema_decay)
+
+    def setup_ema(self) -> None:
+        """Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
+        self.configure_model()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("genvs", {}).get("method")
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved is not None and saved != mine:
+            raise ValueError(
+                f"this checkpoint was written by {saved}, not {mine}: load it with that method "
+                f"(e.g. --model {saved}) or pick a checkpoint of {type(self).__name__}"
+            )
+        state = checkpoint.get("state_dict", {})
+        has_ema = any(k.startswith("ema.") for k in state)
+        if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
+            self.ema = EMA(self.denoiser, decay=self.ema_decay or 0.9999)
+        elif self.ema is not None and not has_ema:  # no EMA saved yet: start it from the saved weights
+            for name in self.ema.names:
+                state[f"ema.{EMA._key(name)}"] = state[f"denoiser.{name}"].float()
+            state["ema.num_updates"] = torch.zeros((), dtype=torch.long)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Sample with the EMA weights inside this block (no-op without EMA)."""
+        if self.ema is None or not self.use_ema_for_eval:
+            yield
+            return
+        with self.ema.applied(self.denoiser):
+            yield
+
+    # -------------------------------------------------------------------------------- training
+    def configure_optimizers(self):
+        cfg = self.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        try:
+            cls = getattr(torch.optim, cfg.name)
+        except AttributeError:
+            raise ValueError(f"optim.name={cfg.name!r} is not a torch.optim optimizer (e.g. Adam, AdamW)") from None
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        if "betas" in cls.__init__.__code__.co_varnames:
+            kwargs["betas"] = tuple(cfg.betas)
+        opt = cls(params, **kwargs)
+        total = cfg.total_steps
+        if cfg.schedule == "cosine" and total is None:
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+            if not total or total == math.inf:
+                raise ValueError("optim.schedule='cosine' needs optim.total_steps or a trainer with max_steps/max_epochs")
+        warmup = max(cfg.warmup_steps, 0)
+
+        def factor(step: int) -> float:
+            f = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            if cfg.schedule == "cosine":
+                progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+                f *= 0.5 * (1 + math.cos(math.pi * progress))
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch: Views, batch_idx: int) -> Tensor | None:
+        losses = self.training_loss(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            scenes = ", ".join(batch.scene) or "(unknown scenes)"
+            msg = f"non-finite training loss {loss.item()} at step {self.global_step} on scenes: {scenes}"
+            if self.nonfinite_loss == "error":
+                raise NonFiniteLossError(msg + " (set model.nonfinite_loss='skip' to skip such steps)")
+            self.print(f"genvs: skipping step: {msg}")
+            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", batch_size=batch.B)
+            return None
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=batch.B, on_step=True
+        )
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.B, logger=False)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed every training batch from ``(seed, batches so far, rank)``.
+
+        The randomness of a step (noise levels, noise, CFG dropout, dropout) is then a function of the
+        step alone, so a run resumed from a checkpoint continues exactly like the uninterrupted run,
+        whatever consumed random numbers in between (data-loader start-up, validation, a restart).
+        """
+        loop = self.trainer.fit_loop.epoch_loop
+        seed = hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), loop.batch_progress.total.ready, self.global_rank))
+        seed &= 0x7FFF_FFFF
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import genvs
+
+        checkpoint["genvs"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}", "version": genvs.__version__}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.denoiser)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.sample_seed * 1_000_003 + batch_idx * 101 + self.global_rank)
+        return g
+
+    def generate(self, batch: Views, batch_idx: int = 0, sampler: Sampler | None = None) -> tuple[Views, Views]:
+        """(context, generated targets) for an evaluation batch, with EMA weights and fixed seeds."""
+        context, targets = batch.split()
+        with self.ema_weights(), torch.no_grad():
+            pred = self.sample(context, targets.cameras_only(), sampler=sampler, generator=self._generator(batch_idx))
+        return context, pred
+
+    def _score(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Per-image PSNR ``[N]`` in [0, 1] range (the papers' convention)."""
+        p = (pred.float().clamp(-1, 1) + 1) / 2
+        t = (target.float().clamp(-1, 1) + 1) / 2
+        mse = (p - t).pow(2).flatten(1).mean(1)
+        return {"psnr": -10 * torch.log10(mse.clamp_min(1e-10))}
+
+    def validation_step(self, batch: Views, batch_idx: int) -> None:
+        context, pred = self.generate(batch, batch_idx)
+        targets = batch.targets
+        scores = self._score(pred.images.flatten(0, 1), targets.images.flatten(0, 1))
+        for k, v in scores.items():
+            self.log(f"val/{k}", v.mean(), batch_size=v.numel(), sync_dist=True)
+        if batch_idx == 0:
+            self.log_image_grid(context, pred, targets)
+
+    def test_step(self, batch: Views, batch_idx: int) -> None:
+        context, pred = self.generate(batch, batch_idx)
+        targets = batch.targets
+        scores = self._score(pred.images.flatten(0, 1), targets.images.flatten(0, 1))
+        for k, v in scores.items():
+            self.log(f"test/{k}", v.mean(), batch_size=v.numel(), sync_dist=True)
+
+    def predict_step(self, batch: Views, batch_idx: int) -> dict[str, Views]:
+        context, pred = self.generate(batch, batch_idx)
+        return {"context": context, "pred": pred, "target": batch.targets}
+
+    def log_image_grid(self, context: Views, pred: Views, target: Views | None = None) -> None:
+        """Rows: scenes; columns: context views | generated targets | ground truth."""
+        from genvs.callbacks import views_grid
+
+        n = min(self.num_log_images, context.B)
+        grid = views_grid(context.images[:n], pred.images[:n], None if target is None else target.images[:n])
+        logger = self.logger
+        if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "add_image"):
+            logger.experiment.add_image("val/samples", grid, self.global_step)
+        elif self.trainer is not None and self.trainer.log_dir:
+            from pathlib import Path
+
+            from torchvision.utils import save_image
+
+            out = Path(self.trainer.log_dir) / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            save_image(grid, out / f"step_{self.global_step:07d}.png")

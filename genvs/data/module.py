@@ -1,0 +1,193 @@
+"""`NVSDataModule`: n context + n target views per scene, for every method and dataset.
+
+Subclasses only say where scenes come from (`NVSDataModule.scene_source`). Batches are `Views` with
+``num_context`` set. Under DDP, Lightning shards the training set with a `DistributedSampler`; the
+evaluation loaders shard without repeating scenes, so every scene is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from genvs.core.views import Views
+from genvs.data.srn import SRNScenes
+from genvs.data.toy import ToyConfig, ensure_toy_dataset
+from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
+
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler"]
+
+
+class EpochSampler(DistributedSampler):
+    """Training order: a permutation that is a pure function of ``(seed, epoch)``, sharded over DDP ranks,
+    that can start part-way through an epoch. Lightning keeps it as is under DDP (it is a
+    `DistributedSampler`) and calls `set_epoch`; the epoch is forwarded to the dataset so per-example
+    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, drop_last: bool = True):
+        single = {} if dist.is_available() and dist.is_initialized() else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=True, seed=seed, drop_last=drop_last, **single)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = epoch
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter(order)
+
+
+class NVSDataModule(L.LightningDataModule):
+    """Base datamodule.
+
+    Args:
+        n_context: context (input) views per training example.
+        n_target: target views per training example.
+        image_size: resize every view to this size (intrinsics are rescaled); ``None`` keeps files' size.
+        batch_size: training scenes per batch (per device).
+        eval_batch_size: scenes per validation/test/predict batch (default: ``batch_size``).
+        num_workers: data-loading processes.
+        val_protocol / test_protocol / predict_protocol: which views evaluation conditions on and scores.
+        load_depth: load depth maps where the dataset has them.
+    """
+
+    def __init__(
+        self,
+        n_context: int = 1,
+        n_target: int = 1,
+        image_size: int | None = 64,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_protocol: EvalProtocol = EvalProtocol(input_views=[0], num_scenes=4, num_targets=3),
+        test_protocol: EvalProtocol = EvalProtocol(input_views=[64]),
+        predict_protocol: EvalProtocol = EvalProtocol(input_views=[0], num_scenes=4, num_targets=8),
+        load_depth: bool = True,
+    ):
+        super().__init__()
+        self.n_context, self.n_target = n_context, n_target
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_protocol, self.test_protocol, self.predict_protocol = val_protocol, test_protocol, predict_protocol
+        self.load_depth = load_depth
+        self._datasets: dict[str, Dataset] = {}
+
+    def scene_source(self, split: str) -> SceneSource:
+        """The scenes of ``split`` ('train', 'val' or 'test'). Subclasses implement this."""
+        raise NotImplementedError
+
+    def dataset(self, stage: str) -> Dataset:
+        if stage not in self._datasets:
+            split = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}[stage]
+            protocol = {"fit": None, "validate": self.val_protocol, "test": self.test_protocol}.get(
+                stage, self.predict_protocol
+            )
+            self._datasets[stage] = MultiViewDataset(
+                self.scene_source(split), self.n_context, self.n_target, self.image_size, protocol, self.load_depth
+            )
+        return self._datasets[stage]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.dataset("fit")
+            self.dataset("validate")
+        else:
+            self.dataset(stage)
+
+    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(stage)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,  # tiny datasets still give one batch
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0 and shuffle,
+            collate_fn=Views.collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by an `EpochSampler`; on resume it starts where the checkpointed run stopped."""
+        dataset = self.dataset("fit")
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if hasattr(dataset, "seed"):
+            dataset.seed = seed
+        sampler = EpochSampler(dataset, seed=seed)
+        trainer = self.trainer
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.start = self._batches_done_this_epoch(trainer) * self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
+            collate_fn=Views.collate,
+        )
+
+    @staticmethod
+    def _batches_done_this_epoch(trainer: L.Trainer) -> int:
+        """Training batches of the current epoch that a restored checkpoint already consumed."""
+        loop = trainer.fit_loop
+        if not loop.restarting:
+            return 0
+        # `ready` counts the batches of this epoch that had started when the checkpoint was written; a
+        # checkpoint written in on_train_batch_end already contains that batch's update
+        return loop.epoch_loop.batch_progress.current.ready
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validate", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size, shuffle=False)
+
+
+class SRNDataModule(NVSDataModule):
+    """SRN ShapeNet (cars, chairs) in pixelNeRF's layout; see `genvs.data.srn`.
+
+    Args:
+        root: folder holding ``<category>_train`` / ``_val`` / ``_test`` (or ``train``/``val``/``test``).
+    """
+
+    def __init__(self, root: str = "data/srn_cars", **kwargs):
+        super().__init__(**kwargs)
+        self.root = root
+
+    def scene_source(self, split: str) -> SceneSource:
+        return SRNScenes(self.root, split)
+
+
+class ToyDataModule(NVSDataModule):
+    """The built-in procedural dataset (`genvs.data.toy`), rendered into ``root`` on first use.
+
+    Args:
+        root: where the rendered dataset lives; regenerated when ``toy`` settings change.
+        toy: the generator's settings (seed, resolution, objects and views per split, ...).
+    """
+
+    def __init__(self, root: str = "data/toy", toy: ToyConfig | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.root = root
+        self.toy = toy or ToyConfig()
+
+    def prepare_data(self) -> None:
+        ensure_toy_dataset(self.root, self.toy)
+
+    def scene_source(self, split: str) -> SceneSource:
+        if not (Path(self.root) / "toy.json").exists():
+            self.prepare_data()  # outside a Trainer (e.g. notebooks) nothing else calls prepare_data
+        return SRNScenes(self.root, split)

@@ -1,0 +1,323 @@
+"""Procedural multi-view dataset: textured composite objects ray-cast in torch, written in SRN layout.
+
+Each object is a union of 2-5 primitives (spheres, oriented boxes, vertical cylinders), each with a
+material: a base colour and a pattern (solid, checker, stripes, dots) in a second colour, shaded
+Lambertian with one directional light plus ambient and a little specular. Cameras sit on a sphere
+around the object like SRN ShapeNet (radius 1.3, ~52 deg field of view, looking at the origin, z up),
+train views uniformly on the upper hemisphere and val/test views on an Archimedean spiral as in SRN.
+Background is white. Everything is deterministic from ``seed``.
+
+Written layout (the SRN/pixelNeRF layout plus depth)::
+
+    <root>/<split>/<object>/rgb/000000.png       RGB, 8 bit
+                           /depth/000000.png     z-depth in millimetres, 16 bit, 0 = background
+                           /pose/000000.txt      4x4 OpenCV camera-to-world, row-major
+                           /intrinsics.txt       "f cx cy 0." / "0. 0. 0." / "1." / "H W"
+    <root>/toy.json                              the generator's settings (regenerated when they change)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, sphere_poses
+
+__all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "ensure_toy_dataset"]
+
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ToyConfig:
+    """Settings of a procedural dataset. Changing any of them regenerates the data."""
+
+    seed: int = 0
+    resolution: int = 64
+    num_objects: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 200, "val": 8, "test": 16})
+    num_views: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 24, "val": 24, "test": 80})
+    min_primitives: int = 2
+    max_primitives: int = 4
+    radius: float = 1.3
+    fov_deg: float = 51.98  # SRN cars: f = 131.25 px at 128 px
+    supersample: int = 2
+
+
+# ----------------------------------------------------------------------------------- scene model
+PALETTE = torch.tensor(
+    [
+        [0.85, 0.15, 0.15],
+        [0.15, 0.55, 0.85],
+        [0.95, 0.75, 0.10],
+        [0.20, 0.70, 0.30],
+        [0.55, 0.25, 0.75],
+        [0.95, 0.45, 0.10],
+        [0.15, 0.15, 0.20],
+        [0.90, 0.90, 0.85],
+        [0.45, 0.30, 0.20],
+        [0.10, 0.60, 0.60],
+    ]
+)
+KINDS = ("sphere", "box", "cylinder")
+PATTERNS = ("solid", "checker", "stripes", "dots")
+
+
+@dataclass
+class Primitive:
+    kind: str  # sphere | box | cylinder
+    center: Tensor  # [3]
+    size: Tensor  # [3]: sphere (r, r, r); box half-extents; cylinder (r, r, half-height)
+    yaw: float  # rotation about z
+    color: Tensor  # [3]
+    color2: Tensor  # [3]
+    pattern: str
+    frequency: float
+
+
+def random_object(
+    generator: torch.Generator, min_primitives: int = 2, max_primitives: int = 4, scale: float = 1.3
+) -> list[Primitive]:
+    """A random composite object inside a sphere of radius ~0.7 around the origin."""
+
+    def u(lo=0.0, hi=1.0):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (), generator=generator))]
+
+    n = int(torch.randint(min_primitives, max_primitives + 1, (), generator=generator))
+    prims = []
+    for i in range(n):
+        kind = pick(KINDS)
+        if kind == "sphere":
+            r = u(0.14, 0.3)
+            size = torch.tensor([r, r, r])
+        elif kind == "box":
+            size = torch.tensor([u(0.08, 0.3), u(0.08, 0.3), u(0.08, 0.25)])
+        else:
+            r = u(0.07, 0.2)
+            size = torch.tensor([r, r, u(0.12, 0.3)])
+        # the first primitive anchors the object at the centre; the others attach around it
+        spread = 0.0 if i == 0 else 0.28
+        center = torch.tensor([u(-spread, spread), u(-spread, spread), u(-spread, spread) * 0.7])
+        c1, c2 = torch.randperm(len(PALETTE), generator=generator)[:2]
+        jitter = (torch.rand(3, generator=generator) - 0.5) * 0.1
+        prims.append(
+            Primitive(
+                kind=kind,
+                center=center * scale,
+                size=size * scale,
+                yaw=u(0, math.pi),
+                color=(PALETTE[c1] + jitter).clamp(0, 1),
+                color2=PALETTE[c2],
+                pattern=pick(PATTERNS),
+                frequency=u(4.0, 9.0),
+            )
+        )
+    return prims
+
+
+def _rot_z(yaw: float) -> Tensor:
+    c, s = math.cos(yaw), math.sin(yaw)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _intersect(prim: Primitive, o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest positive hit distance ``[N]`` (inf when missed) and local-frame normal ``[N, 3]``."""
+    R = _rot_z(prim.yaw)  # local -> world
+    lo = (o - prim.center) @ R  # world -> local (R^T applied on the right-hand side)
+    ld = d @ R
+    inf = torch.full(o.shape[:1], math.inf)
+    if prim.kind == "sphere":
+        r = prim.size[0]
+        b = (lo * ld).sum(-1)
+        c = (lo * lo).sum(-1) - r * r
+        disc = b * b - c
+        sq = disc.clamp_min(0).sqrt()
+        t0, t1 = -b - sq, -b + sq
+        t = torch.where(t0 > 1e-4, t0, torch.where(t1 > 1e-4, t1, inf))
+        t = torch.where(disc > 0, t, inf)
+        n = lo + t.unsqueeze(-1).nan_to_num(posinf=0) * ld
+    elif prim.kind == "box":
+        h = prim.size
+        inv = 1.0 / torch.where(ld.abs() < 1e-9, torch.full_like(ld, 1e-9), ld)
+        ta, tb = (-h - lo) * inv, (h - lo) * inv
+        tmin = torch.minimum(ta, tb).amax(-1)
+        tmax = torch.maximum(ta, tb).amin(-1)
+        hit = (tmax >= tmin) & (tmax > 1e-4)
+        t = torch.where(hit, torch.where(tmin > 1e-4, tmin, tmax), inf)
+        p = lo + t.unsqueeze(-1).nan_to_num(posinf=0) * ld
+        q = p / h
+        axis = q.abs().argmax(-1)
+        n = F.one_hot(axis, 3).float() * torch.sign(q.gather(-1, axis[:, None]))
+    else:  # vertical cylinder with caps
+        r, hh = prim.size[0], prim.size[2]
+        a = ld[:, 0] ** 2 + ld[:, 1] ** 2
+        b = lo[:, 0] * ld[:, 0] + lo[:, 1] * ld[:, 1]
+        c = lo[:, 0] ** 2 + lo[:, 1] ** 2 - r * r
+        disc = b * b - a * c
+        sq = disc.clamp_min(0).sqrt()
+        a_safe = a.clamp_min(1e-12)
+        cand = []
+        for ts in ((-b - sq) / a_safe, (-b + sq) / a_safe):
+            z = lo[:, 2] + ts * ld[:, 2]
+            ok = (disc > 0) & (a > 1e-12) & (z.abs() <= hh) & (ts > 1e-4)
+            cand.append(torch.where(ok, ts, inf))
+        for zc in (-hh, hh):
+            dz = torch.where(ld[:, 2].abs() < 1e-9, torch.full_like(ld[:, 2], 1e-9), ld[:, 2])
+            ts = (zc - lo[:, 2]) / dz
+            pxy = lo[:, :2] + ts.unsqueeze(-1) * ld[:, :2]
+            ok = ((pxy**2).sum(-1) <= r * r) & (ts > 1e-4)
+            cand.append(torch.where(ok, ts, inf))
+        cand_t = torch.stack(cand, -1)
+        t, which = cand_t.min(-1)
+        p = lo + t.unsqueeze(-1).nan_to_num(posinf=0) * ld
+        side = torch.stack([p[:, 0], p[:, 1], torch.zeros_like(p[:, 0])], -1)
+        cap = torch.zeros_like(p)
+        cap[:, 2] = torch.where(which == 2, -1.0, 1.0)
+        n = torch.where((which < 2).unsqueeze(-1), side, cap)
+    n = F.normalize(n, dim=-1) @ R.T  # back to world
+    return t, n
+
+
+def _pattern(prim: Primitive, p_local: Tensor) -> Tensor:
+    """Pattern mask ``[N]`` in {0, 1} evaluated in object-local coordinates (so it sticks to the object)."""
+    f = prim.frequency
+    if prim.pattern == "solid":
+        return torch.zeros(p_local.shape[0])
+    if prim.pattern == "checker":
+        k = torch.floor(p_local * f).sum(-1)
+        return (k.remainder(2) < 1).float()
+    if prim.pattern == "stripes":
+        return (torch.sin(p_local[:, 2] * f * math.pi) > 0).float()
+    q = torch.remainder(p_local * f, 1.0) - 0.5  # dots
+    return ((q**2).sum(-1) < 0.12).float()
+
+
+LIGHT = F.normalize(torch.tensor([0.4, -0.3, 0.85]), dim=0)
+
+
+def render_object(prims: list[Primitive], K: Tensor, c2w: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+    """Ray-cast one view: RGB ``[3, H, W]`` in [0, 1] on white, z-depth ``[H, W]`` (0 = background)."""
+    o, d = camera_rays(K, c2w, H, W)  # [H, W, 3] unit directions
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    hits = [_intersect(p, o, d) for p in prims]
+    ts = torch.stack([h[0] for h in hits], -1)  # [N, P]
+    t, idx = ts.min(-1)
+    hit = torch.isfinite(t)
+    normals = torch.stack([h[1] for h in hits], 1)  # [N, P, 3]
+    n = normals.gather(1, idx[:, None, None].expand(-1, 1, 3)).squeeze(1)
+    n = torch.where((n * d).sum(-1, keepdim=True) > 0, -n, n)  # face the camera
+    t_safe = torch.where(hit, t, torch.zeros_like(t))
+    p = o + t_safe.unsqueeze(-1) * d
+    rgb = torch.ones(o.shape[0], 3)
+    for k, prim in enumerate(prims):
+        sel = hit & (idx == k)
+        if not sel.any():
+            continue
+        p_local = (p[sel] - prim.center) @ _rot_z(prim.yaw)
+        m = _pattern(prim, p_local).unsqueeze(-1)
+        albedo = prim.color * (1 - m) + prim.color2 * m
+        ndl = (n[sel] @ LIGHT).clamp_min(0).unsqueeze(-1)
+        h = F.normalize(LIGHT - d[sel], dim=-1)
+        spec = (n[sel] * h).sum(-1, keepdim=True).clamp_min(0) ** 32
+        rgb[sel] = (albedo * (0.35 + 0.65 * ndl) + 0.25 * spec).clamp(0, 1)
+    forward = c2w[:3, 2]
+    depth = torch.where(hit, t_safe * (d @ forward), torch.zeros_like(t))
+    return rgb.T.reshape(3, H, W), depth.reshape(H, W)
+
+
+def spiral_poses(n: int, radius: float) -> Tensor:
+    """``[n, 4, 4]`` cameras on an Archimedean spiral over the upper hemisphere (SRN test-set style)."""
+    s = (torch.arange(n) + 0.5) / n
+    el = torch.asin(1 - s)  # from near the pole down to the equator
+    az = s * 2 * math.pi * 6  # six turns
+    eye = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1) * radius
+    return look_at(eye)
+
+
+def _write_object(folder: Path, prims: list[Primitive], poses: Tensor, cfg: ToyConfig) -> None:
+    res, ss = cfg.resolution, cfg.supersample
+    K = intrinsics_from_fov(cfg.fov_deg, res)
+    K_ss = intrinsics_from_fov(cfg.fov_deg, res * ss)
+    for sub in ("rgb", "depth", "pose"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, c2w in enumerate(poses):
+        rgb, depth = render_object(prims, K_ss, c2w, res * ss, res * ss)
+        rgb = F.avg_pool2d(rgb[None], ss)[0]  # antialiased
+        depth = depth[ss // 2 :: ss, ss // 2 :: ss]  # depth of one sample per pixel (no mixing at edges)
+        Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(folder / f"rgb/{i:06d}.png")
+        mm = (depth.numpy() * 1000 + 0.5).clip(0, 65535).astype(np.uint16)
+        Image.fromarray(mm).save(folder / f"depth/{i:06d}.png")
+        np.savetxt(folder / f"pose/{i:06d}.txt", c2w.reshape(1, 16).numpy(), fmt="%.8f")
+    f, c = float(K[0, 0]), float(K[0, 2])
+    (folder / "intrinsics.txt").write_text(f"{f:.6f} {c:.6f} {c:.6f} 0.\n0. 0. 0.\n1.\n{res} {res}\n")
+
+
+def generate_toy_dataset(root: str | Path, cfg: ToyConfig | None = None, progress: bool = True) -> Path:
+    """Render the whole dataset into ``root`` (every split); returns ``root``.
+
+    Rendering goes to a sibling temporary folder that replaces ``root`` only once complete, so an
+    interrupted generation never leaves a half-written dataset behind.
+    """
+    cfg = cfg or ToyConfig()
+    final = Path(root)
+    root = final.with_name(final.name + ".genvs-tmp")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    splits = list(cfg.num_objects)
+    total = sum(cfg.num_objects[s] for s in splits)
+    done = 0
+    for split in splits:
+        for i in range(cfg.num_objects[split]):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_OFFSETS.get(split, 3) * 100_003 + i)
+            prims = random_object(g, cfg.min_primitives, cfg.max_primitives)
+            nv = cfg.num_views[split]
+            if split == "train":
+                poses = sphere_poses(nv, cfg.radius, generator=g, min_elevation_deg=5.0)
+            else:
+                poses = spiral_poses(nv, cfg.radius)
+            _write_object(root / split / f"toy_{split}_{i:05d}", prims, poses, cfg)
+            done += 1
+            if progress and (done % 20 == 0 or done == total):
+                print(f"genvs: rendered {done}/{total} procedural objects into {root}", flush=True)
+    (root / "toy.json").write_text(json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    root.rename(final)
+    return final
+
+
+def ensure_toy_dataset(root: str | Path, cfg: ToyConfig | None = None) -> Path:
+    """Generate the dataset on first use, or again when ``toy.json`` records other settings."""
+    cfg = cfg or ToyConfig()
+    root = Path(root)
+    meta = root / "toy.json"
+    want = {"version": FORMAT_VERSION, **dataclasses.asdict(cfg)}
+    if meta.exists():
+        try:
+            have = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            have = None
+        if have == want:
+            return root
+        if have is not None:
+            print(f"genvs: {meta} records other generator settings; regenerating the procedural dataset")
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} exists, is not empty and holds no toy.json: it is not a genvs procedural dataset. "
+            "Point data.init_args.root at an empty or new folder."
+        )
+    return generate_toy_dataset(root, cfg)
