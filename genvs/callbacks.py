@@ -17,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from genvs.core.views import Views
 
-__all__ = ["views_grid", "save_gif", "PredictionWriter", "AtomicCheckpointIO", "CheckpointError", "check_checkpoint"]
+__all__ = ["views_grid", "save_gif", "colorize_depth", "PredictionWriter", "AtomicCheckpointIO", "CheckpointError", "check_checkpoint"]
 
 
 def _to_unit(x: Tensor) -> Tensor:
@@ -39,14 +39,41 @@ def save_gif(frames: Tensor, path: str | Path, fps: int = 8) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
+# a perceptually ordered dark-blue -> teal -> yellow ramp (viridis-like anchors), far = dark, near = bright
+_DEPTH_RAMP = torch.tensor(
+    [[0.267, 0.005, 0.329], [0.231, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
+)
+
+
+def colorize_depth(depth: Tensor) -> Tensor:
+    """``[..., 1, H, W]`` depth -> ``[..., 3, H, W]`` colours in [0, 1]: inverse depth normalised per image over its
+    valid (positive) pixels, through a viridis-like ramp (near = yellow, far = dark blue); invalid pixels black."""
+    d = depth.detach().float().cpu()
+    valid = d > 0
+    inv = torch.where(valid, 1.0 / d.clamp_min(1e-8), torch.zeros_like(d))
+    flat_inv, flat_valid = inv.flatten(-3), valid.flatten(-3)
+    lo = torch.where(flat_valid, flat_inv, torch.full_like(flat_inv, float("inf"))).amin(-1)
+    hi = torch.where(flat_valid, flat_inv, torch.full_like(flat_inv, float("-inf"))).amax(-1)
+    lo, hi = lo.nan_to_num(0, 0, 0), hi.nan_to_num(1, 1, 1)  # no valid pixel: anything
+    x = ((inv - lo[..., None, None, None]) / (hi - lo).clamp_min(1e-8)[..., None, None, None]).clamp(0, 1)
+    pos = x * (len(_DEPTH_RAMP) - 1)
+    i0 = pos.floor().long().clamp(max=len(_DEPTH_RAMP) - 2)
+    f = (pos - i0)[..., 0, :, :, None]
+    c = _DEPTH_RAMP[i0[..., 0, :, :]] * (1 - f) + _DEPTH_RAMP[i0[..., 0, :, :] + 1] * f  # [..., H, W, 3]
+    c = c * valid[..., 0, :, :, None]
+    return c.movedim(-1, -3)
+
+
 class PredictionWriter(L.Callback):
     """Writes what `genvs predict` generates, one folder per scene::
 
         <output_dir>/<scene>/context_<i>.png   input views
                             /view_<i>.png      generated views (i = view index in the scene)
                             /gt_<i>.png        ground truth, when the dataset has it
+                            /depth_<i>.png     generated depth (colourised), when the method returns depth
                             /grid.png          context | generated | ground truth
-                            /orbit.gif         the generated views in order
+                            /orbit.gif         the generated views in order, or the ``"orbit"`` views a
+                                               method returns (e.g. DFM renders an orbit of its scene)
 
     Args:
         output_dir: where to write (default: ``<trainer.default_root_dir>/predictions``).
@@ -82,12 +109,16 @@ class PredictionWriter(L.Callback):
             for v in range(pred.V):
                 idx = int(pred.index[b, v]) if pred.index is not None else v
                 save_image(_to_unit(pred.images[b, v]), folder / f"view_{idx:04d}.png")
+                if pred.depth is not None:
+                    save_image(colorize_depth(pred.depth[b, v]), folder / f"depth_{idx:04d}.png")
                 if target is not None and target.images is not None:
                     save_image(_to_unit(target.images[b, v]), folder / f"gt_{idx:04d}.png")
             tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
             save_image(views_grid(context.images[b : b + 1], pred.images[b : b + 1], tgt), folder / "grid.png")
-            if self.gif and pred.V > 1:
-                save_gif(pred.images[b], folder / "orbit.gif", self.fps)
+            orbit: Views | None = outputs.get("orbit")
+            frames = orbit.images[b] if orbit is not None else pred.images[b]
+            if self.gif and len(frames) > 1:
+                save_gif(frames, folder / "orbit.gif", self.fps)
 
 
 class CheckpointError(RuntimeError):

@@ -13,7 +13,10 @@ from PIL import Image
 
 from genvs.core.cameras import look_at
 from genvs.core.geometry import project_points
+from genvs.core.views import Views
+from genvs.data import CO3DDataModule, EvalProtocol, RealEstate10KDataModule
 from genvs.data.co3d import CO3DScenes, co3d_camera_to_opencv, optical_axes_center, read_co3d_set_list
+from genvs.data.frames import FrameWindowDataset, VideoRecord, frame_window_views
 from genvs.data.realestate10k import RealEstate10KScenes, parse_re10k_pose_file, re10k_to_opencv
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -234,10 +237,99 @@ def test_re10k_clear_errors(tmp_path):
     (tmp_path / "frames" / "test" / "0a1b2c3d4e5f6a7b" / f"{stamps[1]}.png").unlink()
     with pytest.raises(FileNotFoundError, match=f"{stamps[1]}.png"):
         ds.load(0)
-    ds2 = RealEstate10KScenes(tmp_path / "poses", tmp_path / "frames", split="test", sequences=["nope"])
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        ds2.load(0)
-    bad = tmp_path / "poses" / "test" / "bad.txt"
+        RealEstate10KScenes(tmp_path / "poses", tmp_path / "frames", split="test", sequences=["nope"])
+    import shutil
+
+    shutil.rmtree(tmp_path / "poses" / "test")
+    with pytest.raises(FileNotFoundError, match="(?s)poses/test/<sequence>.txt or .*test.mat.*realestate10k"):
+        RealEstate10KScenes(tmp_path / "poses", tmp_path / "frames", split="test")
+    bad = tmp_path / "bad.txt"
     bad.write_text("url\n123 0.5 0.5 0.5\n")
     with pytest.raises(ValueError, match="bad.txt:2: expected 19 numbers"):
         parse_re10k_pose_file(bad)
+
+
+def test_re10k_mat_layout_and_sequences_without_frames(tmp_path, capsys):
+    scipy_io = pytest.importorskip("scipy.io")
+    c2ws, stamps, _ = _write_re10k(tmp_path)
+    seq = "0a1b2c3d4e5f6a7b"
+    rows = np.loadtxt(tmp_path / "poses" / "test" / f"{seq}.txt", skiprows=1)
+    (tmp_path / "poses" / "test" / "ffff0000ffff0000.txt").write_text("url\n" + "\n".join(" ".join(map(str, r)) for r in rows))
+    txt = RealEstate10KScenes(tmp_path / "poses", tmp_path / "frames", split="test", image_size=18)
+    assert txt.sequences == [seq] and "1 of 2 sequences have cameras but no extracted frames" in capsys.readouterr().out
+    assert txt.scenes[0].scene_id == seq and txt.scenes[0].num_views == 3
+    (tmp_path / "mat").mkdir()
+    scipy_io.savemat(tmp_path / "mat" / "test.mat", {seq: rows})  # the layout the official DFM code reads
+    mat = RealEstate10KScenes(tmp_path / "mat", tmp_path / "frames", split="test", image_size=18)
+    a, b = txt.load(0, [0, 2]), mat.load(0, [0, 2])
+    assert torch.equal(a["timestamps"], b["timestamps"]) and torch.allclose(a["c2w"], b["c2w"], atol=1e-6)
+    assert torch.equal(a["images"], b["images"]) and torch.allclose(a["K"], b["K"])
+
+
+# ------------------------------------------------------------------------------------ training views
+def test_frame_window_views_follow_the_official_sampling():
+    g = torch.Generator().manual_seed(0)
+    flips = 0
+    for _ in range(200):
+        ctx, tgt = frame_window_views(300, 3, 2, 20, 40, g)
+        assert len(set(ctx + tgt)) == 5 and all(0 <= f < 300 for f in ctx + tgt)
+        span = abs(tgt[0] - ctx[0])
+        assert 60 <= span < 120  # [min, max) * num_context frames between the context and target 0
+        lo, hi = sorted((ctx[0], tgt[0]))
+        assert all(lo < f < hi for f in ctx[1:] + tgt[1:])  # everything else inside the window
+        assert abs(tgt[1] - ctx[0]) <= span  # targets ordered from the farthest
+        flips += tgt[0] < ctx[0]
+    assert 60 < flips < 140  # the context is at either end of the window
+    ctx, tgt = frame_window_views(5, 2, 2, 20, 40, g)  # a short video: every frame still distinct
+    assert len(set(ctx + tgt)) == 4
+
+
+class _FakeSource:
+    def __init__(self, n=3, V=50):
+        self.scenes = [VideoRecord(f"v{i}", V) for i in range(n)]
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def load(self, i, views, load_depth=True):
+        V = len(views)
+        c2w = torch.eye(4).repeat(V, 1, 1)
+        c2w[:, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
+        return {"images": torch.zeros(V, 3, 8, 8), "K": torch.eye(3).repeat(V, 1, 1), "c2w": c2w,
+                "depth": torch.ones(V, 1, 8, 8)}
+
+
+def test_frame_window_dataset_is_deterministic_and_scale_augments():
+    ds = FrameWindowDataset(_FakeSource(), 2, 2, min_distance=5, max_distance=10, scale_augmentation=0.2, load_depth=True)
+    a, b = ds[1], ds[1]
+    assert torch.equal(a.index, b.index) and torch.equal(a.c2w, b.c2w)  # a function of (seed, epoch, index)
+    f = a.c2w[0, 0, 0, 3] / 1.0
+    assert 0.8 <= f <= 1.2 and f != 1.0
+    assert torch.allclose(a.c2w[0, :, :3, 3], torch.tensor([1.0, 2.0, 3.0]) * f)
+    assert torch.allclose(a.depth, torch.full_like(a.depth, float(f)))  # depth scales with the scene
+    ds.epoch = 1
+    assert not torch.equal(ds[1].index, a.index)
+    assert a.num_context == 2 and a.V == 4
+
+
+def test_co3d_and_re10k_datamodules_give_views_batches(tmp_path):
+    _write_co3d(tmp_path / "co3d", views=6)
+    dm = CO3DDataModule(root=str(tmp_path / "co3d"), image_size=16, n_context=2, n_target=2, batch_size=1,
+                        num_workers=0, min_distance=1, max_distance=3, top_quality=None,
+                        val_protocol=EvalProtocol(input_views=[0], num_targets=2))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Views) and batch.images.shape == (1, 4, 3, 16, 16) and batch.num_context == 2
+    val = next(iter(dm.val_dataloader()))
+    assert val.scene == ["101_seq"] and val.V == 3 and val.index[0].tolist() == [0, 1, 3]
+    _write_re10k(tmp_path / "re", n=5)
+    dm = RealEstate10KDataModule(pose_root=str(tmp_path / "re" / "poses"), frames_root=str(tmp_path / "re" / "frames"),
+                                 image_size=16, n_context=1, n_target=2, batch_size=1, num_workers=0,
+                                 min_distance=1, max_distance=3,
+                                 val_protocol=EvalProtocol(input_views=[0], num_targets=2))
+    dm.setup("validate")  # validation reads the test split: the release has only train and test
+    val = next(iter(dm.val_dataloader()))
+    assert val.images.shape == (1, 3, 3, 16, 16) and val.scene == ["0a1b2c3d4e5f6a7b"]
+    with pytest.raises(FileNotFoundError, match="train"):
+        dm.setup("fit")

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, orbit_poses, pixel_rays
+from genvs.core.cameras import (
+    camera_rays,
+    intrinsics_from_fov,
+    look_at,
+    optical_axes_center,
+    orbit_around,
+    orbit_poses,
+    pixel_rays,
+)
 from genvs.core.diffusion import DiscreteSchedule, dynamic_threshold
 from genvs.core.samplers import Sampler
 from genvs.core.views import Views
@@ -21,11 +29,13 @@ from genvs.methods.dfm import (
     dfm_sample,
     dfm_sample_autoregressive,
     dfm_training_losses,
+    edge_aware_smoothness,
     init_joint_field_from_context_field,
     pixelnerf_losses,
     random_patches,
 )
-from genvs.methods.dfm.render import composite_weights, interval_edges, sample_pdf
+from genvs.methods.dfm.pixelnerf import DiTEncoder, harmonic_embedding
+from genvs.methods.dfm.render import composite_weights, distortion_loss, interval_edges, sample_pdf
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +87,28 @@ def test_pixel_rays_match_camera_rays_and_have_unit_z():
     assert torch.allclose(o.reshape(2, 3, -1, 3), o2)
     z_cam = (d2 @ c2w[..., :3, :3]).select(-1, 2)  # camera-frame z of each direction
     assert torch.allclose(z_cam, torch.ones_like(z_cam), atol=1e-6)
+
+
+def test_optical_axes_center_and_orbit_around_an_object():
+    target = torch.tensor([0.3, -0.2, 0.1])
+    eye = torch.tensor([[2.0, 0.0, 0.5], [0.0, 2.5, 1.0], [-1.5, -1.0, 0.2]]) + target
+    c2w = look_at(eye, target)
+    assert torch.allclose(optical_axes_center(c2w), target, atol=1e-3)
+    assert torch.allclose(optical_axes_center(c2w[None].expand(2, 3, 4, 4)), target.expand(2, 3), atol=1e-3)
+    single = optical_axes_center(c2w[:1])  # one camera: ill-posed, stays finite near the camera
+    assert torch.isfinite(single).all()
+    up = torch.tensor([0.0, 0.0, 1.0])
+    orbit = orbit_around(c2w[0], target, up, 4)
+    assert orbit.shape == (4, 4, 4) and torch.allclose(orbit[0], c2w[0], atol=1e-6)
+    # an independent construction: a quarter turn about +z through the target = a camera at the rotated eye
+    # looking at the target (the look-at frame of the rotated eye, up stays +z)
+    rel = eye[0] - target
+    rot = torch.tensor([-rel[1], rel[0], rel[2]]) + target
+    assert torch.allclose(orbit[1], look_at(rot[None], target)[0], atol=1e-5)
+    R = orbit[:, :3, :3]
+    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3).expand(4, 3, 3), atol=1e-5)
+    dist = (orbit[:, :3, 3] - target).norm(dim=-1)
+    assert torch.allclose(dist, dist[:1].expand(4), atol=1e-5)
 
 
 def test_dynamic_threshold():
@@ -211,7 +243,59 @@ def test_chunking_and_checkpointing_do_not_change_values_or_gradients():
     assert not torch.allclose(a[0], ref[0])  # (jitter is on in training)
 
 
+def test_distortion_loss_matches_the_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    z = torch.sort(torch.rand(3, 10, generator=g) * 3 + 1, dim=-1).values
+    w = torch.rand(3, 10, generator=g) / 5
+    near, far = 0.5, 4.5
+    e = interval_edges(z, near, far)
+    got = distortion_loss(w, e, near, far)
+    s_e = (e - near) / (far - near)
+    mid = 0.5 * (s_e[:, 1:] + s_e[:, :-1])
+    pair = (w[:, :, None] * w[:, None, :] * (mid[:, :, None] - mid[:, None, :]).abs()).sum((1, 2))
+    uni = (w**2 * (s_e[:, 1:] - s_e[:, :-1])).sum(1) / 3
+    assert torch.allclose(got, pair + uni, atol=1e-6)
+    one_spike = torch.zeros(1, 10)
+    one_spike[0, 4] = 1.0
+    spread = torch.full((1, 10), 0.1)
+    assert distortion_loss(one_spike, e[:1], near, far) < distortion_loss(spread, e[:1], near, far)
+
+
+def test_edge_aware_smoothness():
+    depth = torch.ones(2, 1, 6, 6)
+    img = torch.zeros(2, 3, 6, 6)
+    assert torch.allclose(edge_aware_smoothness(img, depth), torch.zeros(2))  # constant depth: smooth
+    depth[:, :, :, 3:] = 2.0  # a depth step between columns 2 and 3
+    flat = edge_aware_smoothness(img, depth)
+    inv = 1 / depth[0, 0]
+    expected = ((inv / inv.mean())[:, 2] - (inv / inv.mean())[:, 3]).abs().sum() / 36
+    assert torch.allclose(flat[0], expected)
+    img[:, :, :, 3:] = 1.0  # an image edge at the same place discounts the depth step by exp(-1)
+    assert torch.allclose(edge_aware_smoothness(img, depth), flat * math.exp(-1.0))
+
+
 # ---------------------------------------------------------------------------------------------- encoders
+def test_dit_absolute_pose_conditioning():
+    x = harmonic_embedding(torch.tensor([[0.5, -1.0]]), n_freqs=3)
+    f = torch.tensor([1.0, 2.0, 4.0])
+    expected = torch.cat([torch.sin(torch.outer(torch.tensor([0.5, -1.0]), f)).flatten(),
+                          torch.cos(torch.outer(torch.tensor([0.5, -1.0]), f)).flatten(), torch.tensor([0.5, -1.0])])
+    assert torch.allclose(x[0], expected)
+    enc = DiTEncoder(in_channels_target=7, out_channels=8, abs_pose=True, **TINY_DIT)
+    assert enc.pose_mlp[0].in_features == 156  # 12 pose numbers x (2 x 6 + 1), as PyTorch3D's HarmonicEmbedding
+    for p in enc.parameters():  # wake the zero-initialised layers up
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    img = torch.randn(2, 3, 8, 8)
+    c2w = orbit_poses(2)
+    a = enc(img, torch.zeros(2), c2w=c2w)
+    b = enc(img, torch.zeros(2), c2w=c2w.flip(0))
+    assert not torch.allclose(a, b)  # the camera pose conditions the features
+    with pytest.raises(ValueError, match="abs_pose"):
+        enc(img, torch.zeros(2))
+
+
+
 def test_timm_encoder_multiscale_features_and_local_pretrained(tmp_path):
     import timm
 

@@ -27,6 +27,8 @@ __all__ = [
     "sphere_poses",
     "ring_poses",
     "opengl_to_opencv",
+    "optical_axes_center",
+    "orbit_around",
 ]
 
 
@@ -196,3 +198,49 @@ def opengl_to_opencv(c2w: Tensor) -> Tensor:
     """Camera-to-world from OpenGL/Blender (y up, z backward) to OpenCV (y down, z forward)."""
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
     return c2w @ flip
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories around a scene known only through its cameras (videos rendered from sampled scenes)
+# ----------------------------------------------------------------------------------------------
+def optical_axes_center(c2w: Tensor, ridge: float = 1e-4) -> Tensor:
+    """The point closest (least squares) to the optical axes of cameras ``c2w [..., N, 4, 4]`` -> ``[..., 3]``.
+
+    For cameras around an object (CO3D, SRN-like data) it is the point they look at. A small ``ridge``
+    pulls the solution towards the cameras' mean position when the axes are (nearly) parallel, where the
+    problem has no unique solution (a single camera, forward-facing captures).
+    """
+    o = c2w[..., :3, 3].double()  # [..., N, 3]
+    d = F.normalize(c2w[..., :3, 2].double(), dim=-1)
+    eye = torch.eye(3, dtype=torch.float64, device=c2w.device)
+    P = eye - d[..., :, None] * d[..., None, :]  # [..., N, 3, 3] projectors orthogonal to each axis
+    A = P.sum(-3)
+    b = (P @ o[..., None]).sum(-3)  # [..., 3, 1]
+    lam = ridge * A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)[..., None, None]
+    mean = o.mean(-2)[..., None]
+    x = torch.linalg.solve(A + lam * eye, b + lam * mean)
+    return x[..., 0].to(c2w.dtype)
+
+
+def orbit_around(c2w: Tensor, center: Tensor, axis: Tensor, n: int, degrees: float = 360.0) -> Tensor:
+    """``[..., n, 4, 4]``: camera ``c2w [..., 4, 4]`` rotated about the line through ``center [..., 3]`` along
+    ``axis [..., 3]`` by ``k * degrees / n``, ``k = 0 .. n - 1`` (the camera keeps its view of the centre).
+
+    Rotation is right-handed about ``axis``; with a world-up ``axis`` the cameras turn counter-clockwise
+    seen from above. Frame 0 is ``c2w`` itself.
+    """
+    k = F.normalize(axis.double(), dim=-1)[..., None, :]  # [..., 1, 3]
+    ang = torch.arange(n, dtype=torch.float64, device=c2w.device) * math.radians(degrees) / n
+    ang = ang.view(*([1] * (k.ndim - 2)), n)  # [..., n]
+    c, s = torch.cos(ang)[..., None, None], torch.sin(ang)[..., None, None]
+    kx = torch.zeros(*k.shape[:-1], 3, 3, dtype=torch.float64, device=c2w.device)  # cross-product matrix
+    kx[..., 0, 1], kx[..., 0, 2], kx[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    kx = kx - kx.transpose(-1, -2)
+    R = torch.eye(3, dtype=torch.float64, device=c2w.device) + s * kx + (1 - c) * (kx @ kx)  # Rodrigues [..., n, 3, 3]
+    ctr = center.double()[..., None, :, None]  # [..., 1, 3, 1]
+    base = c2w.double()[..., None, :, :]  # [..., 1, 4, 4]
+    out = torch.zeros(*R.shape[:-2], 4, 4, dtype=torch.float64, device=c2w.device)
+    out[..., :3, :3] = R @ base[..., :3, :3]
+    out[..., :3, 3:] = R @ (base[..., :3, 3:] - ctr) + ctr
+    out[..., 3, 3] = 1
+    return out.to(c2w.dtype)

@@ -18,6 +18,7 @@ __all__ = ["BUILTIN_METHODS", "UnknownMethodError", "available_methods", "resolv
 
 BUILTIN_METHODS: dict[str, str] = {
     "threedim": "genvs.methods.threedim:ThreeDiM",
+    "dfm": "genvs.methods.dfm:DFM",
 }
 
 

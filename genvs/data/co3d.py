@@ -29,7 +29,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from genvs.data.frames import crop_resize, load_rgb
+from genvs.core.cameras import optical_axes_center
+from genvs.data.frames import VideoDataModule, VideoRecord, crop_resize, load_rgb
+from genvs.data.views_dataset import SceneSource
 
 __all__ = [
     "co3d_camera_to_opencv",
@@ -40,6 +42,7 @@ __all__ = [
     "load_co3d_depth",
     "optical_axes_center",
     "CO3DScenes",
+    "CO3DDataModule",
 ]
 
 
@@ -91,7 +94,10 @@ def load_jgz(path: str | Path) -> list | dict:
     """Read a gzipped JSON file (CO3D's ``.jgz``), naming the file on any failure."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CO3D annotation file {path} not found; download CO3D v2 and pass its root folder")
+        raise FileNotFoundError(
+            f"CO3D annotation file {path} not found; download CO3D v2 (https://github.com/facebookresearch/co3d) "
+            "and pass its root folder"
+        )
     try:
         with gzip.open(path, "rt", encoding="utf8") as f:
             return json.load(f)
@@ -184,21 +190,15 @@ def load_co3d_depth(path: str | Path, scale_adjustment: float = 1.0) -> Tensor:
     return torch.from_numpy(raw.view(np.float16).astype(np.float32)) * scale_adjustment
 
 
-def optical_axes_center(c2w: Tensor) -> Tensor:
-    """Least-squares point closest to every camera's optical axis (the object CO3D cameras look at)."""
-    o = c2w[:, :3, 3].double()
-    d = F.normalize(c2w[:, :3, 2].double(), dim=-1)
-    P = torch.eye(3, dtype=torch.float64) - d[:, :, None] * d[:, None, :]  # projectors orthogonal to axes
-    A, b = P.sum(0), (P @ o[:, :, None]).sum(0)
-    return torch.linalg.lstsq(A, b).solution[:, 0].float()
-
-
 class CO3DScenes(Dataset):
     """One item per CO3D sequence of a category and split: all its frames (or a chosen subset).
 
-    ``load(i, indices)`` returns ``{"images" [V, 3, H, W] in [-1, 1], "K" [V, 3, 3], "c2w" [V, 4, 4],
-    "scene": str, "frame_numbers" [V]}`` (+ ``"mask" [V, 1, H, W]`` with ``load_masks``); ``dataset[i]``
-    loads every frame. ``indices`` index the sequence's frames in frame-number order (``num_frames(i)``).
+    A genvs scene source (`genvs.data.views_dataset.SceneSource`): ``scenes[i]`` has ``scene_id`` (the
+    sequence name) and ``num_views``; ``load(i, indices)`` returns ``{"images" [V, 3, H, W] in [-1, 1],
+    "K" [V, 3, 3], "c2w" [V, 4, 4], "scene": str, "frame_numbers" [V]}`` (+ ``"mask" [V, 1, H, W]`` with
+    ``load_masks``); ``dataset[i]`` loads every frame. ``indices`` index the sequence's frames in
+    frame-number order (``num_frames(i)``). Depth maps are not loaded (DFM does not use them; ``load_depth``
+    is accepted and ignored).
 
     Args:
         root: CO3D v2 root (the folder holding ``<category>/``).
@@ -232,7 +232,9 @@ class CO3DScenes(Dataset):
         if not (self.root / category).is_dir():
             raise FileNotFoundError(
                 f"CO3D category folder {self.root / category} not found: root must be the CO3D v2 folder that "
-                f"contains '{category}/frame_annotations.jgz'"
+                f"contains '{category}/frame_annotations.jgz'. Download CO3D v2 with the official script "
+                f"(https://github.com/facebookresearch/co3d: python co3d/download_dataset.py --download_folder "
+                f"{self.root} --download_categories {category}) or set data.init_args.root to where it is"
             )
         if scene_scale not in ("none", "cameras", "depth"):
             raise ValueError(f"scene_scale={scene_scale!r}: use 'none', 'cameras' or 'depth'")
@@ -267,6 +269,13 @@ class CO3DScenes(Dataset):
             frames = {s: frames[s] for s in best}
         self.frames = {s: fr for s, fr in sorted(frames.items()) if fr}
         self.sequences = list(self.frames)
+        if not self.sequences:
+            raise ValueError(
+                f"CO3D {category}: no sequences with frames in split {split!r}"
+                + (f" of set list {subset!r}" if subset else "")
+                + f" under {self.root}; check the download and the subset/split names"
+            )
+        self.scenes = [VideoRecord(s, len(self.frames[s])) for s in self.sequences]
         self._scales: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -307,7 +316,7 @@ class CO3DScenes(Dataset):
                 medians.append(depth[valid].median().item())
         return float(np.mean(medians)) if medians else float("nan")
 
-    def load(self, i: int, indices: Sequence[int] | Tensor | None = None) -> dict:
+    def load(self, i: int, indices: Sequence[int] | Tensor | None = None, load_depth: bool = False) -> dict:
         seq = self.sequences[i]
         frames = self.frames[seq]
         if indices is None:
@@ -352,3 +361,42 @@ class CO3DScenes(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.load(i)
+
+
+class CO3DDataModule(VideoDataModule):
+    """CO3D v2 (DFM: hydrants) as `Views` batches; training views follow DFM's frame windows.
+
+    Download CO3D v2 (https://github.com/facebookresearch/co3d: ``python ./co3d/download_dataset.py
+    --download_folder DIR --single_sequence_subset`` or the full category zip) so that ``root`` holds
+    ``<category>/frame_annotations.jgz``, ``sequence_annotations.jgz``, ``set_lists/`` and the sequence folders.
+
+    Args:
+        root: the CO3D v2 folder.
+        category: object category (DFM: ``hydrant``).
+        subset: set list (``set_lists_<subset>.json``; DFM: ``fewview_dev``); ``None`` uses every frame.
+        scene_scale, target_scale: per-sequence scale (see `CO3DScenes`; official: mean foreground depth 10).
+        top_quality: keep only the best sequences of the *training* split by viewpoint quality (official: 500).
+        crop: ``center`` square crops.
+        (frame windows, scale augmentation and the `NVSDataModule` arguments as in `VideoDataModule`)
+    """
+
+    def __init__(
+        self,
+        root: str = "data/co3d",
+        category: str = "hydrant",
+        subset: str | None = "fewview_dev",
+        scene_scale: Literal["none", "cameras", "depth"] = "cameras",
+        target_scale: float = 10.0,
+        top_quality: int | None = 500,
+        crop: Literal["center", "none"] = "center",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.root, self.category, self.subset = root, category, subset
+        self.scene_scale, self.target_scale, self.top_quality, self.crop = scene_scale, target_scale, top_quality, crop
+
+    def scene_source(self, split: str) -> SceneSource:
+        return CO3DScenes(
+            self.root, self.category, self.subset, split, self.image_size, self.crop, self.scene_scale,
+            self.target_scale, top_quality=self.top_quality if split == "train" else None,
+        )

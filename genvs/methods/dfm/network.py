@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from genvs.core.config import Configurable
 from genvs.core.diffusion import NoiseSchedule, diffusion_loss, dynamic_threshold, q_sample
 from genvs.core.samplers import Sampler, cfg_combine
 from genvs.core.views import Views
@@ -33,6 +34,7 @@ __all__ = [
     "DFMDenoiser",
     "DFMOutput",
     "random_patches",
+    "edge_aware_smoothness",
     "dfm_training_losses",
     "pixelnerf_losses",
     "init_joint_field_from_context_field",
@@ -59,12 +61,13 @@ class DFMOutput:
     scene: Scene
 
 
-class DFMDenoiser(nn.Module):
+class DFMDenoiser(Configurable, nn.Module):
     """DFM denoiser: image encoder + context-only field + joint field + volume renderers.
 
     Args:
         encoder: ``"dit"`` (official DFM: `DiTEncoder`) or ``"timm"`` (pixelNeRF: `TimmEncoder`).
-        encoder_kwargs: passed to the encoder (DiT sizes; timm ``backbone``/``pretrained``/...).
+        encoder_kwargs: passed to the encoder (DiT sizes, ``abs_pose``, ``gradient_checkpointing``; timm
+            ``backbone``/``pretrained``/...).
         feature_dim: encoder output channels (512 in DFM and pixelNeRF).
         cond_features: features the context-only field renders for the target's input (64).
         mlp_hidden, mlp_blocks, combine_layer, feature_injection: `PixelNeRFField` shape (512, 5, 3, "input").
@@ -73,7 +76,9 @@ class DFMDenoiser(nn.Module):
         n_coarse, n_fine: samples per ray of the joint render (official code 64 + 64; paper 64 + 128).
         cond_n_coarse, cond_n_fine: samples of the context-only render (official: CO3D 64 + 0, RE10K 32 + 0).
         chunk_rays, checkpoint: ray chunking and per-chunk gradient checkpointing of both renderers.
-        background: background colour in [-1, 1] (DFM: black).
+        background: background colour in [-1, 1] (DFM: black, -1; white data such as genvs' procedural
+            dataset: +1).
+        lindisp: sample depths linearly in inverse depth.
         depth_scale: the conditioning depth is divided by this before encoding (official: 1, raw depth).
     """
 
@@ -119,6 +124,16 @@ class DFMDenoiser(nn.Module):
         self.cond_renderer = VolumeRenderer(n_coarse=cond_n_coarse, n_fine=cond_n_fine, **rkw)
         self.renderer = VolumeRenderer(n_coarse=n_coarse, n_fine=n_fine, **rkw)
 
+    def target_only_modules(self) -> list[nn.Module]:
+        """Modules only the diffusion stage uses: the joint field and the encoder's target input stem (frozen in
+        the deterministic pixelNeRF stage, which renders targets from the context alone)."""
+        mods: list[nn.Module] = [self.field]
+        for name in ("stem_target", "extra_stem"):
+            m = getattr(self.encoder, name, None)
+            if isinstance(m, nn.Module):
+                mods.append(m)
+        return mods
+
     # ---------------------------------------------------------------------------------- scenes
     def encode_context(self, images: Tensor, K: Tensor, c2w: Tensor) -> Scene:
         """Clean context ``images [B, Nc, 3, H, W]``, ``K [B, Nc, 3, 3]``, ``c2w [B, Nc, 4, 4]`` -> `Scene` (t = 0)."""
@@ -126,7 +141,8 @@ class DFMDenoiser(nn.Module):
             raise ValueError(f"context images must be [B, Nc, 3, H, W], got {list(images.shape)}")
         B, Nc = images.shape[:2]
         t = images.new_zeros(B * Nc, dtype=torch.float32)
-        feats = self.encoder(images.flatten(0, 1), t, target=False).unflatten(0, (B, Nc))
+        feats = self.encoder(images.flatten(0, 1), t, target=False, c2w=c2w.flatten(0, 1).float())
+        feats = feats.unflatten(0, (B, Nc))
         return Scene(feats, K.float(), c2w.float(), t.view(B, Nc), tuple(images.shape[-2:]))
 
     def render_conditioning(self, context: Scene, K: Tensor, c2w: Tensor) -> tuple[Tensor, RenderOutput]:
@@ -143,7 +159,7 @@ class DFMDenoiser(nn.Module):
         B = noisy.shape[0]
         t = t.float().expand(B)
         x = torch.cat([noisy, cond.to(noisy.dtype)], dim=1)
-        feats = self.encoder(x, t, target=True)[:, None]
+        feats = self.encoder(x, t, target=True, c2w=c2w.float())[:, None]
         target = Scene(feats, K[:, None].float(), c2w[:, None].float(), t[:, None], context.image_size)
         return context.append(target)
 
@@ -228,6 +244,27 @@ def _gather_pixels(images: Tensor, idx: Tensor) -> Tensor:
     return flat.gather(-1, idx[:, :, None].expand(-1, -1, flat.shape[2], -1)).transpose(-1, -2)
 
 
+def edge_aware_smoothness(image: Tensor, depth: Tensor) -> Tensor:
+    """Edge-aware smoothness of inverse depth (official DFM RealEstate10K regulariser), per image ``[N]``.
+
+    ``image [N, 3, h, w]`` (the ground-truth patch), ``depth [N, 1, h, w]`` (rendered). Inverse depth
+    (depth clamped to [1e-3, 80]) is normalised by its mean over the patch; its horizontal and vertical
+    differences are weighted by ``exp(-|image gradient|)`` (mean over channels) and averaged.
+    """
+    inv = 1.0 / depth.float().clamp(1e-3, 80.0)
+    inv = inv / inv.mean(dim=(2, 3), keepdim=True)
+    img = image.float()
+    dx = (inv[..., :, :-1] - inv[..., :, 1:]).abs() * torch.exp(-(img[..., :, :-1] - img[..., :, 1:]).abs().mean(1, True))
+    dy = (inv[..., :-1, :] - inv[..., 1:, :]).abs() * torch.exp(-(img[..., :-1, :] - img[..., 1:, :]).abs().mean(1, True))
+    h, w = depth.shape[-2:]
+    return (dx.flatten(1).sum(1) + dy.flatten(1).sum(1)) / (h * w)
+
+
+def _patch_images(x: Tensor, s: int) -> Tensor:
+    """Per-pixel patch values ``[B, M, s*s, C]`` -> images ``[B*M, C, s, s]``."""
+    return x.reshape(-1, s, s, x.shape[-1]).permute(0, 3, 1, 2)
+
+
 def dfm_training_losses(
     denoiser: DFMDenoiser,
     schedule: NoiseSchedule,
@@ -237,6 +274,8 @@ def dfm_training_losses(
     p_uncond: float = 0.0,
     lpips_weight: float = 1.0,
     cond_weight: float = 1.0,
+    distortion_weight: float = 0.0,
+    smoothness_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """DFM's loss terms on a `Views` batch (``num_context >= 1`` context views, then ``M >= 1`` targets).
@@ -246,11 +285,14 @@ def dfm_training_losses(
     ground truth: x0 MSE (`diffusion_loss`, kind ``"x0"``) and LPIPS (``lpips(pred, gt)`` on ``[-1, 1]``
     patches; skipped when ``lpips`` is None). ``cond_mse`` is the MSE of the full context-only render at
     target 0 against target 0. With probability ``p_uncond`` a scene's context images are zeroed (the
-    unconditional model of classifier-free guidance) and its ``cond_mse`` is dropped.
+    unconditional model of classifier-free guidance) and its ``cond_mse`` is dropped. The official
+    RealEstate10K regularisers act on the same patch renders: mip-NeRF 360's ``distortion`` (weight 0.005)
+    and the ``smoothness`` of inverse depth (`edge_aware_smoothness`, weight 0.002).
 
-    Returns ``{"loss", "mse", "lpips", "cond_mse"}``: ``loss = mse + lpips_weight * lpips + cond_weight *
-    cond_mse`` is the one to backpropagate (official weights: LPIPS 1 on RealEstate10K, 0 on CO3D; cond 1);
-    the other terms are detached, for logging.
+    Returns ``{"loss", "mse", "lpips", "cond_mse", "distortion", "smoothness"}``: ``loss = mse +
+    lpips_weight * lpips + cond_weight * cond_mse + distortion_weight * distortion + smoothness_weight *
+    smoothness`` is the one to backpropagate (official: LPIPS 1 on RealEstate10K, 0.2 in the CO3D training
+    command; cond 1); the other terms are detached, for logging.
     """
     if views.num_context < 1 or views.V - views.num_context < 1 or views.images is None:
         raise ValueError(f"DFM training needs >= 1 context and >= 1 target view with images, got {views!r}")
@@ -274,15 +316,21 @@ def dfm_training_losses(
     gt = _gather_pixels(trg.images, idx)  # [B, M, R, 3]
     mse = diffusion_loss(pred.flatten(1), gt.flatten(1), torch.zeros_like(gt.flatten(1)), logsnr, "x0").mean()
     s = int(round(idx.shape[-1] ** 0.5))
-    if lpips is not None:
-        to_img = lambda x: x.reshape(B * M, s, s, 3).permute(0, 3, 1, 2)  # noqa: E731
-        lp = lpips(to_img(pred).float(), to_img(gt).float()).mean()
-    else:
-        lp = pred.new_zeros(())
+    zero = pred.new_zeros((), dtype=torch.float32)
+    lp = lpips(_patch_images(pred, s).float(), _patch_images(gt, s).float()).mean() if lpips is not None else zero
     cond_err = (out.cond_render.rgb[:, 0].float() - x0.float()).pow(2).flatten(1).mean(1)  # [B]
     cond_mse = (cond_err * keep).sum() / keep.sum().clamp_min(1)
+    dist = out.render.distortion.float().mean()
+    smooth = edge_aware_smoothness(_patch_images(gt, s), _patch_images(out.render.depth[..., None], s)).mean()
     loss = mse + lpips_weight * lp + cond_weight * cond_mse
-    return {"loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "cond_mse": cond_mse.detach()}
+    if distortion_weight:
+        loss = loss + distortion_weight * dist
+    if smoothness_weight:
+        loss = loss + smoothness_weight * smooth
+    return {
+        "loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "cond_mse": cond_mse.detach(),
+        "distortion": dist.detach(), "smoothness": smooth.detach(),
+    }
 
 
 def pixelnerf_losses(
@@ -309,11 +357,7 @@ def pixelnerf_losses(
     gt = _gather_pixels(trg.images, idx)
     mse = (out.rgb.float() - gt.float()).pow(2).mean()
     s = int(round(idx.shape[-1] ** 0.5))
-    if lpips is not None:
-        to_img = lambda x: x.reshape(B * M, s, s, 3).permute(0, 3, 1, 2).float()  # noqa: E731
-        lp = lpips(to_img(out.rgb), to_img(gt)).mean()
-    else:
-        lp = mse.new_zeros(())
+    lp = lpips(_patch_images(out.rgb, s).float(), _patch_images(gt, s).float()).mean() if lpips is not None else mse.new_zeros(())
     return {"loss": mse + lpips_weight * lp, "mse": mse.detach(), "lpips": lp.detach()}
 
 

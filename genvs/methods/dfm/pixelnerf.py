@@ -7,11 +7,13 @@ MLP conditioned on each view's diffusion time turns (positional encoding of the 
 frame, feature) into a hidden vector; the per-view vectors are averaged mid-network (block 3 of 5) and
 the rest of the MLP outputs density, colour and (optionally) extra features to render.
 
-Two image encoders share one interface, ``encoder(x [N, C, H, W], t [N], target: bool) -> [N, F, h, w]``:
+Two image encoders share one interface, ``encoder(x [N, C, H, W], t [N], target: bool, c2w [N, 4, 4] | None)
+-> [N, F, h, w]`` (``c2w``: the view's camera, used by DiT's optional absolute-pose conditioning):
 
 - `DiTEncoder`: what the official DFM code trains (``model_type: dit``): a 7x7 stride-2 conv stem (one
   per input kind: 3 channels for context images, ``7 + cond_features`` for the target), a DiT (adaLN-Zero
-  transformer, patch 2) conditioned on the diffusion time, and a full-resolution skip branch on the RGB.
+  transformer, patch 2) conditioned on the diffusion time (and, with ``abs_pose``, on the camera pose as
+  the official CO3D model), and a full-resolution skip branch on the RGB.
 - `TimmEncoder`: pixelNeRF's encoder on any timm CNN: multi-scale features (ResNet34: conv1, layer1..3,
   512 channels) upsampled to the first level's resolution and concatenated; diffusion time enters by
   FiLM on every returned level, the target's extra channels through a zero-initialised parallel stem.
@@ -45,6 +47,7 @@ __all__ = [
     "DiTEncoder",
     "TimmEncoder",
     "build_encoder",
+    "harmonic_embedding",
     "PixelNeRFField",
 ]
 
@@ -182,6 +185,14 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
+def harmonic_embedding(x: Tensor, n_freqs: int = 6) -> Tensor:
+    """``[N, D] -> [N, D * (2 n_freqs + 1)]``: ``sin(2^k x)``, ``cos(2^k x)`` for ``k < n_freqs``, then ``x``
+    (PyTorch3D's ``HarmonicEmbedding`` defaults, which the official DFM pose conditioning uses)."""
+    freqs = 2.0 ** torch.arange(n_freqs, device=x.device, dtype=torch.float32)
+    e = (x.float()[..., None] * freqs).flatten(-2)
+    return torch.cat([e.sin(), e.cos(), x.float()], dim=-1)
+
+
 class DiTEncoder(nn.Module):
     """DFM's image network: conv stem -> DiT on the diffusion time -> per-pixel features.
 
@@ -191,6 +202,11 @@ class DiTEncoder(nn.Module):
     the RGB channels by a zero-initialised 3x3 conv), else ``[N, out_channels, H/2, W/2]``.
     ``H`` and ``W`` must be divisible by ``2 * patch_size``. Official size (DiT-XL/2): hidden 1152,
     depth 28, 16 heads, 512 output channels, 64 stem channels.
+
+    ``abs_pose`` (official CO3D model, ``use_abs_pose=True``): the top three rows of the view's
+    camera-to-world matrix (12 numbers) are harmonically embedded (6 frequencies: 156 values), mapped by an
+    MLP to the hidden size and fused with the time embedding by a second MLP; the result conditions every
+    block in place of the time embedding alone.
     """
 
     def __init__(
@@ -206,9 +222,12 @@ class DiTEncoder(nn.Module):
         high_res: bool = True,
         time_scale: float = 1000.0,
         gradient_checkpointing: bool = False,
+        abs_pose: bool = False,
+        pose_freqs: int = 6,
     ):
         super().__init__()
         self.in_channels_target, self.out_channels = in_channels_target, out_channels
+        self.abs_pose, self.pose_freqs = abs_pose, pose_freqs
         self.patch_size, self.high_res = patch_size, high_res
         self.gradient_checkpointing = gradient_checkpointing
         self.stem_context = nn.Conv2d(3, stem_channels, 7, 2, 3, bias=False)
@@ -222,6 +241,12 @@ class DiTEncoder(nn.Module):
         if high_res:
             self.skip = nn.Conv2d(3, stem_channels, 7, 1, 3)
             self.refine = nn.Conv2d(out_channels + stem_channels, out_channels, 3, 1, 1)
+        if abs_pose:
+            d_pose = 12 * (2 * pose_freqs + 1)
+            self.pose_mlp = nn.Sequential(nn.Linear(d_pose, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size))
+            self.fuse_mlp = nn.Sequential(
+                nn.Linear(2 * hidden_size, 2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, hidden_size)
+            )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -246,7 +271,7 @@ class DiTEncoder(nn.Module):
     def stride(self) -> int:
         return 1 if self.high_res else 2
 
-    def forward(self, x: Tensor, t: Tensor, target: bool = False) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, target: bool = False, c2w: Tensor | None = None) -> Tensor:
         N, C, H, W = x.shape
         want = self.in_channels_target if target else 3
         if C != want:
@@ -261,6 +286,11 @@ class DiTEncoder(nn.Module):
         tok = tok.flatten(2).transpose(1, 2)  # [N, L, D]
         tok = tok + sincos_pos_embed_2d(tok.shape[-1], hp, wp, device=x.device).to(tok.dtype)
         c = self.t_embed(t.expand(N))  # [N, D]
+        if self.abs_pose:
+            if c2w is None or c2w.shape != (N, 4, 4):
+                raise ValueError(f"DiTEncoder(abs_pose=True) needs the views' cameras c2w [N={N}, 4, 4]")
+            pose = self.pose_mlp(harmonic_embedding(c2w[:, :3, :].reshape(N, 12), self.pose_freqs).to(c.dtype))
+            c = self.fuse_mlp(torch.cat([c, pose], dim=-1))
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tok = checkpoint(blk, tok, c, use_reentrant=False)
@@ -367,7 +397,8 @@ class TimmEncoder(nn.Module):
         scale, shift = self.film[i](self._temb).to(output.dtype)[:, :, None, None].chunk(2, dim=1)
         return output * (1 + scale) + shift
 
-    def forward(self, x: Tensor, t: Tensor, target: bool = False) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, target: bool = False, c2w: Tensor | None = None) -> Tensor:
+        """``c2w`` is accepted for interface compatibility and ignored (no pose conditioning)."""
         want = self.in_channels_target if target else 3
         if x.shape[1] != want:
             kind = "target" if target else "context"
