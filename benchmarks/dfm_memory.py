@@ -10,6 +10,11 @@ bf16 matmuls are far slower than fp32 on CPUs without native bf16, e.g. AVX2-onl
 
     python benchmarks/dfm_memory.py                 # the 32 px table
     python benchmarks/dfm_memory.py --preset 64     # full-width field at 64 px (slow on CPU)
+    python benchmarks/dfm_memory.py --preset official64   # the whole official 64 px CO3D model (DiT-XL/2)
+
+For the official model the JSON also gives the memory of a whole training step on a GPU: parameters
+(float32), the step's peak of live tensors (activations and gradients, float32 here: an upper bound for
+bf16 autocast), Adam's two moments, and the EMA copy.
     python benchmarks/dfm_memory.py --one '{"size": 32, ...}'   # one configuration (used internally)
 """
 
@@ -48,6 +53,15 @@ PRESETS = {
                  checkpoint=True, bf16=False),
         ],
     ),
+    "official64": dict(
+        base=dict(size=64, num_context=3, num_targets=2, batch=1, hidden=512, feature_dim=512, cond_features=64,
+                  n_coarse=64, n_fine=64, cond_n_coarse=64, patch=24,
+                  dit=dict(hidden_size=1152, depth=28, num_heads=16, abs_pose=True), lpips_vgg=True),
+        runs=[
+            dict(name="official 64 px CO3D model (DiT-XL/2), chunks of 128 rays + checkpoint, DiT block checkpoint, "
+                 "fp32", chunk_rays=128, checkpoint=True, bf16=False, dit_checkpoint=True),
+        ],
+    ),
 }
 
 
@@ -77,13 +91,18 @@ def run_one(cfg: dict) -> dict:
     K = intrinsics_from_fov(50.0, H).expand(B, Nc + M, 3, 3).clone()
     views = Views(torch.rand(B, Nc + M, 3, H, H) * 2 - 1, K, c2w, num_context=Nc)
     schedule = DiscreteSchedule("cosine")
+    lpips = None
+    if cfg.get("lpips_vgg"):  # the LPIPS loss' frozen VGG16 (random weights: same memory as the real ones)
+        import lpips as lp
+
+        lpips = lp.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).requires_grad_(False)
     from torch.profiler import profile
 
     before = rss_peak_mib()
     t0 = time.perf_counter()
     with profile(profile_memory=True) as prof:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            terms = dfm_training_losses(den, schedule, views, patch_size=cfg["patch"])
+            terms = dfm_training_losses(den, schedule, views, lpips=lpips, patch_size=cfg["patch"], lpips_weight=0.2)
         terms["loss"].backward()
     seconds = time.perf_counter() - t0
     after = rss_peak_mib()
@@ -92,13 +111,21 @@ def run_one(cfg: dict) -> dict:
         live += e.self_cpu_memory_usage  # allocations (+) and frees (-) attributed to the innermost op
         peak = max(peak, live)
     params = sum(p.numel() for p in den.parameters())
-    return dict(cfg, tensor_peak_mib=round(peak / 2**20, 1), rss_growth_mib=round(after - before, 1),
-                seconds=round(seconds, 1), params=params, loss=float(terms["loss"]))
+    frozen = sum(p.numel() for p in lpips.parameters()) if lpips is not None else 0
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    gpu = dict(  # a whole training step on a GPU, float32 master weights (bf16 autocast keeps them)
+        params_mib=mib(4 * params), frozen_lpips_mib=mib(4 * frozen), step_peak_mib=mib(peak),
+        adam_mib=mib(8 * params), ema_mib=mib(4 * params),
+    )
+    gpu["total_mib"] = round(sum(gpu.values()), 1)
+    return dict(cfg, tensor_peak_mib=mib(peak), rss_growth_mib=round(after - before, 1),
+                seconds=round(seconds, 1), params=params, loss=float(terms["loss"]), gpu_training_estimate=gpu)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="32", choices=sorted(PRESETS))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of each run")
     ap.add_argument("--one", help="JSON configuration to run in this process")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dfm_memory.json"))
     args = ap.parse_args()
@@ -111,6 +138,8 @@ def main() -> None:
     for run in preset["runs"]:
         cfg = dict(preset["base"], **run)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         proc = subprocess.run(
             [sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True, env=env
         )
@@ -119,6 +148,8 @@ def main() -> None:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(res)
         print(f"| {res['name']} | {res['tensor_peak_mib']:.0f} MiB | {res['rss_growth_mib']:.0f} MiB |", flush=True)
+        if "gpu_training_estimate" in res and preset["base"].get("lpips_vgg"):
+            print(f"  GPU training step (float32 weights + Adam + EMA): {res['gpu_training_estimate']}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}

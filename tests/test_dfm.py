@@ -241,3 +241,16 @@ def test_predict_writes_views_depth_and_orbit(two_stages, toy_root, tmp_path):
     assert Image.open(next(scenes[0].glob("depth_*.png"))).size == (16, 16)
     with Image.open(scenes[0] / "orbit.gif") as gif:
         assert gif.n_frames == 4  # the orbit rendered from the sampled scene, not the 3 targets
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("dfm_co3d", r"(?s)hydrant.*not found.*download_dataset.py"),
+    ("dfm_re10k", r"(?s)RealEstate10K camera files for split 'train' not found.*realestate10k/download"),
+])
+def test_paper_configs_name_missing_data_and_how_to_get_it(name, expect, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative data paths point into an empty folder
+    args = ["fit", "--config", str(CONFIG.with_name(f"{name}.yaml")),
+            "--model.init_args.network.init_args", json.dumps({**TINY_NET, "encoder_kwargs": {"hidden_size": 32, "depth": 1, "num_heads": 2}}),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1"]
+    with pytest.raises(FileNotFoundError, match=expect):
+        run(args)

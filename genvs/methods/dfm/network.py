@@ -76,6 +76,7 @@ class DFMDenoiser(Configurable, nn.Module):
         n_coarse, n_fine: samples per ray of the joint render (official code 64 + 64; paper 64 + 128).
         cond_n_coarse, cond_n_fine: samples of the context-only render (official: CO3D 64 + 0, RE10K 32 + 0).
         chunk_rays, checkpoint: ray chunking and per-chunk gradient checkpointing of both renderers.
+        eval_chunk_rays: rays per chunk without gradients (sampling, videos; default ``chunk_rays``).
         background: background colour in [-1, 1] (DFM: black, -1; white data such as genvs' procedural
             dataset: +1).
         lindisp: sample depths linearly in inverse depth.
@@ -100,6 +101,7 @@ class DFMDenoiser(Configurable, nn.Module):
         cond_n_fine: int = 0,
         chunk_rays: int = 4096,
         checkpoint: bool = False,
+        eval_chunk_rays: int | None = None,
         background: float = -1.0,
         lindisp: bool = False,
         depth_scale: float = 1.0,
@@ -119,7 +121,8 @@ class DFMDenoiser(Configurable, nn.Module):
         self.cond_field = PixelNeRFField(n_feats_out=cond_features, **field_kw)
         self.field = PixelNeRFField(n_feats_out=0, **field_kw)
         rkw = dict(
-            near=near, far=far, chunk_rays=chunk_rays, checkpoint=checkpoint, background=background, lindisp=lindisp
+            near=near, far=far, chunk_rays=chunk_rays, checkpoint=checkpoint, background=background, lindisp=lindisp,
+            eval_chunk_rays=eval_chunk_rays,
         )
         self.cond_renderer = VolumeRenderer(n_coarse=cond_n_coarse, n_fine=cond_n_fine, **rkw)
         self.renderer = VolumeRenderer(n_coarse=n_coarse, n_fine=n_fine, **rkw)

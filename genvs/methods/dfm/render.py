@@ -144,6 +144,7 @@ class VolumeRenderer(nn.Module):
         n_coarse: stratified samples per ray (official DFM 64; paper 64; pixelNeRF 64).
         n_fine: importance samples per ray (official DFM code 64; paper 128; pixelNeRF 32 + 16 depth-guided).
         chunk_rays: rays per chunk, summed over the batch (bounds activation memory).
+        eval_chunk_rays: rays per chunk when no gradient is recorded (sampling, videos); default ``chunk_rays``.
         checkpoint: recompute each chunk in the backward pass (`torch.utils.checkpoint`).
         background: background colour in [-1, 1] (DFM: black, ``-1``), a float or an RGB triple.
         lindisp: sample linearly in inverse depth (unbounded scenes).
@@ -161,6 +162,7 @@ class VolumeRenderer(nn.Module):
         background: float | tuple[float, float, float] = -1.0,
         lindisp: bool = False,
         perturb: bool = True,
+        eval_chunk_rays: int | None = None,
     ):
         super().__init__()
         if not 0 < near < far:
@@ -173,6 +175,7 @@ class VolumeRenderer(nn.Module):
         self.near, self.far = float(near), float(far)
         self.n_coarse, self.n_fine = n_coarse, n_fine
         self.chunk_rays, self.checkpoint, self.lindisp, self.perturb = chunk_rays, checkpoint, lindisp, perturb
+        self.eval_chunk_rays = eval_chunk_rays or chunk_rays
         bg = torch.tensor(background, dtype=torch.float32).expand(3).clone()
         self.register_buffer("background", bg, persistent=False)
 
@@ -219,7 +222,8 @@ class VolumeRenderer(nn.Module):
     def render_rays(self, field: FieldFn, origins: Tensor, dirs: Tensor) -> RenderOutput:
         """Render rays ``origins, dirs [B, R, 3]`` (z-depth parameterised) -> per-ray `RenderOutput` ``[B, R, ...]``."""
         B, R = origins.shape[:2]
-        step = max(1, self.chunk_rays // max(B, 1))
+        chunk = self.chunk_rays if torch.is_grad_enabled() else self.eval_chunk_rays
+        step = max(1, chunk // max(B, 1))
         outs = []
         for s in range(0, R, step):
             o, d = origins[:, s : s + step], dirs[:, s : s + step]
