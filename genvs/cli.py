@@ -6,6 +6,7 @@ model is any `BaseNVSModel` subclass and the data any `NVSDataModule` subclass, 
 default, nested components included. Extra commands:
 
 - ``genvs data toy --root data/toy [--toy.seed 0 --toy.resolution 64 ...]`` renders the procedural dataset;
+- ``genvs table results/*.json [--out comparison]`` merges ``genvs test`` results into one comparison table;
 - ``genvs methods`` lists the built-in and plugin methods.
 
 `main` takes an argument list so tests and notebooks can run it in-process.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
@@ -25,7 +26,9 @@ from lightning.pytorch.cli import LightningCLI
 from genvs.callbacks import PredictionWriter, check_checkpoint
 from genvs.core.model import BaseNVSModel
 from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
+from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
+from genvs.eval.evaluator import EvalConfig
 
 __all__ = ["GenvsCLI", "main", "run"]
 
@@ -48,6 +51,24 @@ class GenvsCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_argument(
+            "--sampler",
+            type=Optional[Sampler],
+            default=None,
+            help="Sample with this sampler instead of the model's (e.g. other steps or scheduler at test time; "
+            "a checkpoint's saved hyperparameters otherwise decide the model's sampler).",
+        )
+        parser.add_argument("--evaluation", type=EvalConfig, default=EvalConfig(), help="How validation/test score samples.")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if not self.subcommand:
+            return
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("sampler") is not None:
+            self.model.sampler = cfg["sampler"]
+        if cfg.get("evaluation") is not None:
+            self.model.evaluation = cfg["evaluation"]
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         # a rich progress bar unless the user turned progress bars off or brought their own; LR
@@ -174,6 +195,25 @@ def _data_command(argv: list[str]) -> int:
     return 0
 
 
+def _table_command(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from genvs.eval.tables import DEFAULT_COMPARISON_METRICS, merge_results
+
+    parser = ArgumentParser(prog="genvs table", description="Merge `genvs test` results into one comparison table.")
+    parser.add_argument("results", nargs="+", help="result JSON files or folders of them")
+    parser.add_argument("--metrics", type=list[str], default=list(DEFAULT_COMPARISON_METRICS))
+    parser.add_argument("--rows", type=list[str], default=["method"], help="columns that identify a row")
+    parser.add_argument("--out", default=None, help="also write <out>.md, .csv and .json")
+    cfg = parser.parse_args(argv)
+    table = merge_results(cfg.results, metrics=cfg.metrics, row_by=tuple(cfg.rows))
+    print(table.to_markdown())
+    if cfg.out:
+        for path in table.save(cfg.out).values():
+            print(f"genvs: wrote {path}")
+    return 0
+
+
 def _methods_command(argv: list[str]) -> int:
     errors = import_all()
     for name, target in sorted(available_methods().items()):
@@ -182,7 +222,7 @@ def _methods_command(argv: list[str]) -> int:
     return 0
 
 
-EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command}
+EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command, "table": _table_command}
 
 
 def main(args: list[str] | None = None) -> int:

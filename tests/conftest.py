@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +42,35 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CONFIG_3DIM_TOY = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
+
+
+def tiny_args(toy_root: Path, out: Path) -> list[str]:
+    """`genvs` arguments for a tiny 3DiM on the tiny procedural dataset (fast on a CPU)."""
+    return [
+        "--config", str(CONFIG_3DIM_TOY),
+        "--model.init_args.network.init_args", json.dumps(TINY_XUNET),
+        "--model.init_args.sampler.init_args.num_steps", "3",
+        "--data.init_args.root", str(toy_root),
+        "--data.init_args.toy", json.dumps(TINY_TOY.__dict__),
+        "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.val_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 2}),
+        "--data.init_args.test_protocol", json.dumps({"input_views": [0], "num_targets": 3}),
+        "--data.init_args.predict_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 3}),
+        "--trainer.default_root_dir", str(out),
+        "--trainer.enable_progress_bar", "false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained(toy_root, tmp_path_factory):
+    """A 4-step `genvs fit` run of the tiny 3DiM: (run folder, last checkpoint, the GenvsCLI)."""
+    from genvs.cli import run
+
+    out = tmp_path_factory.mktemp("run")
+    cli = run(["fit", *tiny_args(toy_root, out), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+               "--trainer.limit_val_batches", "1"])
+    return out, Path(cli.trainer.checkpoint_callback.last_model_path), cli

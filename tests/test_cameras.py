@@ -93,3 +93,17 @@ def test_trajectories_and_conventions():
     cv = opengl_to_opencv(gl)
     torch.testing.assert_close(cv[:3, 2], torch.tensor([0, 0, -1.0]))
     torch.testing.assert_close(cv[:3, 1], torch.tensor([0, -1.0, 0]))
+
+
+def test_orbit_around_keeps_radius_elevation_and_looks_at_centre():
+    from genvs.core.cameras import orbit_around
+
+    start = look_at(torch.tensor([1.0, 0.5, 0.7]))
+    poses = orbit_around(start, 6)
+    torch.testing.assert_close(poses[0], start)
+    torch.testing.assert_close(poses[:, :3, 3].norm(dim=-1), start[:3, 3].norm().expand(6))
+    torch.testing.assert_close(poses[:, 2, 3], torch.full((6,), 0.7))  # same height: rotation about z
+    fwd = poses[:, :3, 2]
+    to_centre = torch.nn.functional.normalize(-poses[:, :3, 3], dim=-1)
+    torch.testing.assert_close(fwd, to_centre, atol=1e-5, rtol=0)
+    torch.testing.assert_close(poses[3, :2, 3], -start[:2, 3], atol=1e-5, rtol=0)  # half way round

@@ -10,37 +10,10 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY_TOY, TINY_XUNET
-from genvs.cli import main, run
+from conftest import TINY_TOY, TINY_XUNET, tiny_args
+from genvs.cli import main
 from genvs.core.registry import UnknownMethodError, resolve_method
 from genvs.methods.threedim import ThreeDiM
-
-CONFIG = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
-
-
-def tiny_args(toy_root: Path, out: Path) -> list[str]:
-    return [
-        "--config", str(CONFIG),
-        "--model.init_args.network.init_args", json.dumps(TINY_XUNET),
-        "--model.init_args.sampler.init_args.num_steps", "3",
-        "--data.init_args.root", str(toy_root),
-        "--data.init_args.toy", json.dumps(TINY_TOY.__dict__),
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "4",
-        "--data.init_args.val_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 2}),
-        "--data.init_args.predict_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 3}),
-        "--trainer.default_root_dir", str(out),
-        "--trainer.enable_progress_bar", "false",
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained(toy_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cli = run(["fit", *tiny_args(toy_root, out), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-               "--trainer.limit_val_batches", "1"])
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
-    return out, ckpt, cli
 
 
 def test_fit_writes_checkpoint_with_ema_and_logs(trained):

@@ -148,6 +148,10 @@ def test_sample_renders_every_target_from_one_scene_reproducibly():
         orbit = m.render_orbit(scene, ctx, tgt, 5)
     assert orbit.images.shape == (2, 5, 3, 16, 16) and orbit.depth.shape == (2, 5, 1, 16, 16)
     torch.testing.assert_close(orbit.c2w[:, 0], ctx.c2w[:, 0])  # the orbit starts at the context camera
+    m.orbit_frames = 3  # predict on camera-only targets (e.g. the datamodule's predict_orbit): no ground truth
+    res = m.predict_step((ctx, tgt.cameras_only()), 0)
+    assert res["target"] is None and res["pred"].images.shape == (2, 3, 3, 16, 16)
+    assert res["orbit"].images.shape == (2, 3, 3, 16, 16) and res["orbit"].depth is not None
 
 
 def test_autoregressive_sampling_and_guidance():

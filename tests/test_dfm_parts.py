@@ -98,7 +98,7 @@ def test_optical_axes_center_and_orbit_around_an_object():
     single = optical_axes_center(c2w[:1])  # one camera: ill-posed, stays finite near the camera
     assert torch.isfinite(single).all()
     up = torch.tensor([0.0, 0.0, 1.0])
-    orbit = orbit_around(c2w[0], target, up, 4)
+    orbit = orbit_around(c2w[0], 4, axis=up, center=target)
     assert orbit.shape == (4, 4, 4) and torch.allclose(orbit[0], c2w[0], atol=1e-6)
     # an independent construction: a quarter turn about +z through the target = a camera at the rotated eye
     # looking at the target (the look-at frame of the rotated eye, up stays +z)

@@ -26,9 +26,9 @@ __all__ = [
     "orbit_poses",
     "sphere_poses",
     "ring_poses",
+    "orbit_around",
     "opengl_to_opencv",
     "optical_axes_center",
-    "orbit_around",
 ]
 
 
@@ -194,6 +194,40 @@ def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, p
     return look_at(eye, target)
 
 
+def orbit_around(c2w: Tensor, n: int, axis=(0.0, 0.0, 1.0), center=(0.0, 0.0, 0.0), degrees: float = 360.0) -> Tensor:
+    """``[..., n, 4, 4]`` cameras made by rotating camera ``c2w [..., 4, 4]`` about the line through ``center``
+    along ``axis`` in ``n`` equal steps over ``degrees`` (the first is ``c2w`` itself). Elevation and roll
+    of the starting camera are kept, whatever the dataset's up convention.
+
+    ``axis`` and ``center`` are 3-sequences or tensors ``[..., 3]`` (one per camera of a batch); the
+    rotation is right-handed about ``axis``.
+    """
+    dt, dev = c2w.dtype, c2w.device
+    a = F.normalize(torch.as_tensor(axis, dtype=torch.float64, device=dev), dim=-1)[..., None, :]  # [..., 1, 3]
+    c = torch.as_tensor(center, dtype=torch.float64, device=dev)[..., None, :, None]  # [..., 1, 3, 1]
+    theta = torch.arange(n, dtype=torch.float64, device=dev) * math.radians(degrees) / n
+    s, co = torch.sin(theta)[:, None, None], torch.cos(theta)[:, None, None]  # [n, 1, 1]
+    zero = torch.zeros_like(a[..., 0])
+    Kx = torch.stack(  # cross-product matrix of the axis, [..., 1, 3, 3]
+        [
+            torch.stack([zero, -a[..., 2], a[..., 1]], -1),
+            torch.stack([a[..., 2], zero, -a[..., 0]], -1),
+            torch.stack([-a[..., 1], a[..., 0], zero], -1),
+        ],
+        dim=-2,
+    )
+    R = torch.eye(3, dtype=torch.float64, device=dev) + s * Kx + (1 - co) * (Kx @ Kx)  # Rodrigues, [..., n, 3, 3]
+    base = c2w.double()[..., None, :, :]  # [..., 1, 4, 4]
+    rot = R @ base[..., :3, :3]
+    trans = R @ (base[..., :3, 3:] - c) + c
+    batch = torch.broadcast_shapes(rot.shape[:-2], trans.shape[:-2])
+    out = torch.zeros(*batch, 4, 4, dtype=torch.float64, device=dev)
+    out[..., :3, :3] = rot
+    out[..., :3, 3:] = trans
+    out[..., 3, 3] = 1
+    return out.to(dt)
+
+
 def opengl_to_opencv(c2w: Tensor) -> Tensor:
     """Camera-to-world from OpenGL/Blender (y up, z backward) to OpenCV (y down, z forward)."""
     flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
@@ -220,27 +254,3 @@ def optical_axes_center(c2w: Tensor, ridge: float = 1e-4) -> Tensor:
     mean = o.mean(-2)[..., None]
     x = torch.linalg.solve(A + lam * eye, b + lam * mean)
     return x[..., 0].to(c2w.dtype)
-
-
-def orbit_around(c2w: Tensor, center: Tensor, axis: Tensor, n: int, degrees: float = 360.0) -> Tensor:
-    """``[..., n, 4, 4]``: camera ``c2w [..., 4, 4]`` rotated about the line through ``center [..., 3]`` along
-    ``axis [..., 3]`` by ``k * degrees / n``, ``k = 0 .. n - 1`` (the camera keeps its view of the centre).
-
-    Rotation is right-handed about ``axis``; with a world-up ``axis`` the cameras turn counter-clockwise
-    seen from above. Frame 0 is ``c2w`` itself.
-    """
-    k = F.normalize(axis.double(), dim=-1)[..., None, :]  # [..., 1, 3]
-    ang = torch.arange(n, dtype=torch.float64, device=c2w.device) * math.radians(degrees) / n
-    ang = ang.view(*([1] * (k.ndim - 2)), n)  # [..., n]
-    c, s = torch.cos(ang)[..., None, None], torch.sin(ang)[..., None, None]
-    kx = torch.zeros(*k.shape[:-1], 3, 3, dtype=torch.float64, device=c2w.device)  # cross-product matrix
-    kx[..., 0, 1], kx[..., 0, 2], kx[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    kx = kx - kx.transpose(-1, -2)
-    R = torch.eye(3, dtype=torch.float64, device=c2w.device) + s * kx + (1 - c) * (kx @ kx)  # Rodrigues [..., n, 3, 3]
-    ctr = center.double()[..., None, :, None]  # [..., 1, 3, 1]
-    base = c2w.double()[..., None, :, :]  # [..., 1, 4, 4]
-    out = torch.zeros(*R.shape[:-2], 4, 4, dtype=torch.float64, device=c2w.device)
-    out[..., :3, :3] = R @ base[..., :3, :3]
-    out[..., :3, 3:] = R @ (base[..., :3, 3:] - ctr) + ctr
-    out[..., 3, 3] = 1
-    return out.to(c2w.dtype)

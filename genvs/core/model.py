@@ -8,8 +8,9 @@ A method subclasses `BaseNVSModel` and provides only what differs:
   generated ``images`` (and ``depth`` where the method produces it).
 
 The base owns the rest: the optimizer and LR warmup/schedule, EMA weights (used for sampling and saved
-in checkpoints), logging of the loss terms and of image grids, validation/test (sample -> metrics),
-prediction (returns generated views for `genvs.callbacks.PredictionWriter`), the non-finite-loss policy,
+in checkpoints), logging of the loss terms and of image grids, validation/test (sample -> metrics via
+`genvs.eval`, results tables, resumable test runs), prediction (returns generated views for
+`genvs.callbacks.PredictionWriter`), exact resume (per-step reseeding), the non-finite-loss policy,
 channels_last and precision handling. Subclasses call ``super().__init__(...)`` with the shared
 arguments and ``self.save_hyperparameters()`` is done here for every argument of the subclass.
 """
@@ -21,7 +22,9 @@ import inspect
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import lightning as L
@@ -35,8 +38,10 @@ from torch import Tensor
 
 from genvs.core.config import build, to_spec
 from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
-from genvs.core.samplers import Sampler
+from genvs.core.samplers import Sampler, sampling_progress
 from genvs.core.views import Views
+from genvs.eval.evaluator import EvalConfig, Evaluator, run_key
+from genvs.eval.tables import Result, results_table
 
 __all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError"]
 
@@ -82,6 +87,9 @@ class BaseNVSModel(L.LightningModule):
         nonfinite_loss: ``error`` stops with the batch's scene ids, ``skip`` skips the step and logs it.
         sample_seed: seed of the sampling noise in validation/test/predict (per batch and rank).
         num_log_images: scenes shown in the logged validation image grid.
+
+    How validation and test are scored is the ``evaluation`` attribute (`genvs.eval.evaluator.EvalConfig`),
+    set from the command line with ``--evaluation.*``; it is not saved as a hyperparameter.
     """
 
     prediction: Prediction = "eps"  # the denoiser's parameterisation; subclasses set it
@@ -109,8 +117,10 @@ class BaseNVSModel(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.sample_seed = sample_seed
         self.num_log_images = num_log_images
+        self.evaluation = EvalConfig()  # a run setting (genvs --evaluation.*), not a hyperparameter
         self.ema: EMA | None = None
-        self._val_scores: dict[str, list[Tensor]] = {}
+        self._evaluator: Evaluator | None = None
+        self.last_results: dict[str, Path] | None = None
 
     def _save_plain_hyperparameters(self, frame) -> None:
         """``save_hyperparameters`` over the whole subclass chain, with components stored as specs.
@@ -258,39 +268,113 @@ class BaseNVSModel(L.LightningModule):
         g.manual_seed(self.sample_seed * 1_000_003 + batch_idx * 101 + self.global_rank)
         return g
 
-    def generate(self, batch: Views, batch_idx: int = 0, sampler: Sampler | None = None) -> tuple[Views, Views]:
-        """(context, generated targets) for an evaluation batch, with EMA weights and fixed seeds."""
-        context, targets = batch.split()
-        with self.ema_weights(), torch.no_grad():
+    def generate(
+        self, batch: Views | tuple[Views, Views], batch_idx: int = 0, sampler: Sampler | None = None
+    ) -> tuple[Views, Views]:
+        """(context, generated targets) of an evaluation batch, with EMA weights and fixed seeds.
+
+        ``batch`` is a `Views` whose first ``num_context`` views are the context, or a pair
+        ``(context, targets)`` whose targets may be cameras only (``genvs predict`` of new trajectories).
+        """
+        context, targets = batch if isinstance(batch, tuple) else batch.split()
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        with self.ema_weights(), torch.no_grad(), sampling_progress(bar):
             pred = self.sample(context, targets.cameras_only(), sampler=sampler, generator=self._generator(batch_idx))
         return context, pred
 
-    def _score(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Per-image PSNR ``[N]`` in [0, 1] range (the papers' convention)."""
-        p = (pred.float().clamp(-1, 1) + 1) / 2
-        t = (target.float().clamp(-1, 1) + 1) / 2
-        mse = (p - t).pow(2).flatten(1).mean(1)
-        return {"psnr": -10 * torch.log10(mse.clamp_min(1e-10))}
+    def _evaluate(self, evaluator: Evaluator, batch: Views, batch_idx: int) -> tuple[Views, Views]:
+        """Generate (or reload from the evaluator's cache) and score one batch."""
+        targets = batch.targets
+        cached = evaluator.cached(batch)
+        if cached is None:
+            context, pred = self.generate(batch, batch_idx)
+            evaluator.store(pred)
+        else:
+            context, pred = batch.context, targets.cameras_only().with_images(*cached)
+        evaluator.update(pred, targets)
+        return context, pred
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluator = Evaluator(self.evaluation.metrics, device=self.device)
 
     def validation_step(self, batch: Views, batch_idx: int) -> None:
-        context, pred = self.generate(batch, batch_idx)
-        targets = batch.targets
-        scores = self._score(pred.images.flatten(0, 1), targets.images.flatten(0, 1))
-        for k, v in scores.items():
-            self.log(f"val/{k}", v.mean(), batch_size=v.numel(), sync_dist=True)
+        context, pred = self._evaluate(self._evaluator, batch, batch_idx)
         if batch_idx == 0:
-            self.log_image_grid(context, pred, targets)
+            self.log_image_grid(context, pred, batch.targets)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._evaluator.compute()  # already reduced over processes
+        self.log_dict({f"val/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=False)
+        self._evaluator = None
+
+    def on_test_epoch_start(self) -> None:
+        self._test_started = time.time()
+        cache = None
+        if self.evaluation.cache:
+            key = run_key(
+                checkpoint=self._trainer.ckpt_path if self._trainer is not None else None,
+                sampler=to_spec(self.sampler),
+                data=self._data_description(),
+                seed=self.sample_seed,
+                world=self.trainer.world_size,
+            )
+            cache = Path(self._results_dir()) / "cache" / key
+        self._evaluator = Evaluator(self.evaluation.metrics, self.evaluation.consistency, cache_dir=cache, device=self.device)
 
     def test_step(self, batch: Views, batch_idx: int) -> None:
-        context, pred = self.generate(batch, batch_idx)
-        targets = batch.targets
-        scores = self._score(pred.images.flatten(0, 1), targets.images.flatten(0, 1))
-        for k, v in scores.items():
-            self.log(f"test/{k}", v.mean(), batch_size=v.numel(), sync_dist=True)
+        self._evaluate(self._evaluator, batch, batch_idx)
 
-    def predict_step(self, batch: Views, batch_idx: int) -> dict[str, Views]:
+    def on_test_epoch_end(self) -> None:
+        scores = self._evaluator.compute()
+        self.log_dict({f"test/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=False)
+        if self.global_rank == 0:
+            self.last_results = self.write_results(scores, time.time() - self._test_started, self._evaluator.notes)
+        self._evaluator = None
+
+    def _data_description(self) -> dict[str, Any]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return {}
+        return {"name": getattr(dm, "name", type(dm).__name__), "protocol": to_spec(getattr(dm, "test_protocol", None))}
+
+    def _results_dir(self) -> str:
+        if self.evaluation.results_dir:
+            return self.evaluation.results_dir
+        root = self._trainer.default_root_dir if self._trainer is not None else "."
+        return os.path.join(root, "results")
+
+    def write_results(self, scores: dict[str, float], wall_time: float, notes: list[str] | None = None) -> dict[str, Path]:
+        """Write this test run as a results table (Markdown, CSV, JSON with seed, commit, config, versions)."""
+        data = self._data_description()
+        method = type(self).__name__
+        dataset = data.get("name", "unknown")
+        result = Result.create(
+            method=method,
+            dataset=dataset,
+            metrics=scores,
+            checkpoint=str(self._trainer.ckpt_path or "") if self._trainer is not None else "",
+            sampler=type(self.sampler.scheduler).__name__,
+            steps=self.sampler.num_steps,
+            wall_time_s=round(wall_time, 2),
+            seed=self.sample_seed,
+            meta={
+                "guidance_scale": self.sampler.guidance_scale,
+                "protocol": data.get("protocol"),
+                "hparams": to_spec(dict(self.hparams)),
+                "world_size": self.trainer.world_size if self._trainer is not None else 1,
+                "notes": list(notes or []),
+            },
+        )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        prefix = Path(self._results_dir()) / f"{method.lower()}_{dataset}_{stamp}"
+        paths = results_table([result], title=f"{method} on {dataset}").save(prefix)
+        self.print(f"genvs: results written to {paths['md']}\n" + paths["md"].read_text())
+        return paths
+
+    def predict_step(self, batch: Views | tuple[Views, Views], batch_idx: int) -> dict[str, Views | None]:
         context, pred = self.generate(batch, batch_idx)
-        return {"context": context, "pred": pred, "target": batch.targets}
+        targets = batch[1] if isinstance(batch, tuple) else batch.targets
+        return {"context": context, "pred": pred, "target": targets if targets.images is not None else None}
 
     def log_image_grid(self, context: Views, pred: Views, target: Views | None = None) -> None:
         """Rows: scenes; columns: context views | generated targets | ground truth."""
@@ -302,8 +386,6 @@ class BaseNVSModel(L.LightningModule):
         if logger is not None and hasattr(logger, "experiment") and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("val/samples", grid, self.global_step)
         elif self.trainer is not None and self.trainer.log_dir:
-            from pathlib import Path
-
             from torchvision.utils import save_image
 
             out = Path(self.trainer.log_dir) / "samples"

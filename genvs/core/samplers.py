@@ -9,9 +9,11 @@ model was trained on, and the logSNR fed to the network is read off the same ``a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import inspect
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import diffusers
 import torch
@@ -21,7 +23,45 @@ from torch import Tensor
 from genvs.core.config import Configurable, build, spec
 from genvs.core.diffusion import DIFFUSERS_PREDICTION, NoiseSchedule, Prediction, predict_x0_eps
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "Sampler", "cfg_combine", "stochastic_conditioning"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "Sampler",
+    "cfg_combine",
+    "stochastic_conditioning",
+    "sampling_progress",
+]
+
+# Called as hook(step, total) after every denoising step of every Sampler.loop while set.
+_progress_hook: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "genvs_sampling_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def sampling_progress(bar: Any = None) -> Iterator[None]:
+    """Show denoising steps in Lightning's rich progress bar (``bar``) while sampling in this block."""
+    progress = getattr(bar, "progress", None)
+    if progress is None or not hasattr(progress, "add_task"):
+        yield
+        return
+    task = None
+
+    def hook(step: int, total: int) -> None:
+        nonlocal task
+        if task is None or step == 0:
+            if task is not None:
+                progress.remove_task(task)
+            task = progress.add_task("denoising", total=total)
+        progress.update(task, completed=step + 1)
+
+    token = _progress_hook.set(hook)
+    try:
+        yield
+    finally:
+        _progress_hook.reset(token)
+        if task is not None:
+            progress.remove_task(task)
 
 # Denoiser signature used by every sampling loop: (z_t [B, ...], logsnr [B], timestep [B]) -> prediction.
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -70,7 +110,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             x0 = self._threshold_sample(x0)
         elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        if use_clipped_model_output or self.config.clip_sample or self.config.thresholding:
+        if use_clipped_model_output:  # as diffusers: keep the model's eps for the direction unless asked
             eps = (sample - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = eta * var.sqrt()
@@ -184,6 +224,8 @@ class Sampler(Configurable):
         accepts_generator = "generator" in inspect.signature(sched.step).parameters
         if isinstance(sched, diffusers.DDIMScheduler):
             step_kwargs["eta"] = self.eta
+        hook = _progress_hook.get()
+        total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             z = sched.scale_model_input(x, t)
             a = ac[int(t)]
@@ -198,6 +240,8 @@ class Sampler(Configurable):
             x = sched.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
             if callback is not None:
                 callback(i, x)
+            if hook is not None:
+                hook(i, total)
         return x
 
 

@@ -4,6 +4,7 @@ from genvs.data.co3d import CO3DDataModule, CO3DScenes
 from genvs.data.frames import FrameWindowDataset, VideoDataModule
 from genvs.data.module import NVSDataModule, SRNDataModule, ToyDataModule
 from genvs.data.realestate10k import RealEstate10KDataModule, RealEstate10KScenes
+from genvs.data.single import ImageOrbitDataModule
 from genvs.data.srn import DatasetError, SRNScenes
 from genvs.data.toy import ToyConfig, generate_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
@@ -18,6 +19,7 @@ __all__ = [
     "RealEstate10KScenes",
     "VideoDataModule",
     "FrameWindowDataset",
+    "ImageOrbitDataModule",
     "DatasetError",
     "SRNScenes",
     "ToyConfig",

@@ -11,15 +11,17 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from genvs.core.cameras import orbit_around
 from genvs.core.views import Views
 from genvs.data.srn import SRNScenes
 from genvs.data.toy import ToyConfig, ensure_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
 
-__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler"]
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate"]
 
 
 class EpochSampler(DistributedSampler):
@@ -56,6 +58,9 @@ class NVSDataModule(L.LightningDataModule):
         num_workers: data-loading processes.
         val_protocol / test_protocol / predict_protocol: which views evaluation conditions on and scores.
         load_depth: load depth maps where the dataset has them.
+        predict_orbit: ``genvs predict`` renders this many cameras orbiting each scene (starting at its
+            first context camera, about ``orbit_axis`` through ``orbit_center``) instead of the protocol's
+            target views; ``0`` keeps the protocol's targets (with their ground truth).
     """
 
     def __init__(
@@ -70,6 +75,9 @@ class NVSDataModule(L.LightningDataModule):
         test_protocol: EvalProtocol = EvalProtocol(input_views=[64]),
         predict_protocol: EvalProtocol = EvalProtocol(input_views=[0], num_scenes=4, num_targets=8),
         load_depth: bool = True,
+        predict_orbit: int = 0,
+        orbit_axis: tuple[float, float, float] = (0.0, 0.0, 1.0),
+        orbit_center: tuple[float, float, float] = (0.0, 0.0, 0.0),
     ):
         super().__init__()
         self.n_context, self.n_target = n_context, n_target
@@ -79,7 +87,14 @@ class NVSDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_protocol, self.test_protocol, self.predict_protocol = val_protocol, test_protocol, predict_protocol
         self.load_depth = load_depth
+        self.predict_orbit = predict_orbit
+        self.orbit_axis, self.orbit_center = tuple(orbit_axis), tuple(orbit_center)
         self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def name(self) -> str:
+        """Dataset name used in results tables."""
+        return type(self).__name__.removesuffix("DataModule").lower()
 
     def scene_source(self, split: str) -> SceneSource:
         """The scenes of ``split`` ('train', 'val' or 'test'). Subclasses implement this."""
@@ -91,9 +106,12 @@ class NVSDataModule(L.LightningDataModule):
             protocol = {"fit": None, "validate": self.val_protocol, "test": self.test_protocol}.get(
                 stage, self.predict_protocol
             )
-            self._datasets[stage] = MultiViewDataset(
+            dataset = MultiViewDataset(
                 self.scene_source(split), self.n_context, self.n_target, self.image_size, protocol, self.load_depth
             )
+            if stage == "predict" and self.predict_orbit > 0:
+                dataset = OrbitTargets(dataset, self.predict_orbit, self.orbit_axis, self.orbit_center)
+            self._datasets[stage] = dataset
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:
@@ -109,10 +127,8 @@ class NVSDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,  # tiny datasets still give one batch
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and shuffle,
-            collate_fn=Views.collate,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -133,7 +149,7 @@ class NVSDataModule(L.LightningDataModule):
             drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
             num_workers=self.num_workers,
             persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
-            collate_fn=Views.collate,
+            collate_fn=collate,
         )
 
     @staticmethod
@@ -156,6 +172,31 @@ class NVSDataModule(L.LightningDataModule):
         return self._loader("predict", self.eval_batch_size, shuffle=False)
 
 
+def collate(items: list) -> Views | tuple[Views, Views]:
+    """Batch `Views` examples, or ``(context, targets)`` pairs whose targets may be cameras only."""
+    if isinstance(items[0], tuple):
+        return Views.collate([c for c, _ in items]), Views.collate([t for _, t in items])
+    return Views.collate(items)
+
+
+class OrbitTargets(Dataset):
+    """Wraps an evaluation dataset: each scene's context views, with an orbit of cameras as targets."""
+
+    def __init__(self, dataset: Dataset, num_views: int, axis=(0.0, 0.0, 1.0), center=(0.0, 0.0, 0.0)):
+        self.dataset, self.num_views, self.axis, self.center = dataset, num_views, axis, center
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Views, Views]:
+        context = self.dataset[i].context
+        c2w = orbit_around(context.c2w[0, 0], self.num_views, self.axis, self.center)[None]
+        K = context.K[:, :1].expand(1, self.num_views, 3, 3).clone()
+        index = torch.arange(self.num_views)[None]
+        targets = Views(None, K, c2w, scene=context.scene, index=index, size=(context.H, context.W))
+        return context, targets
+
+
 class SRNDataModule(NVSDataModule):
     """SRN ShapeNet (cars, chairs) in pixelNeRF's layout; see `genvs.data.srn`.
 
@@ -166,6 +207,10 @@ class SRNDataModule(NVSDataModule):
     def __init__(self, root: str = "data/srn_cars", **kwargs):
         super().__init__(**kwargs)
         self.root = root
+
+    @property
+    def name(self) -> str:
+        return Path(self.root).name
 
     def scene_source(self, split: str) -> SceneSource:
         return SRNScenes(self.root, split)

@@ -24,7 +24,7 @@ from genvs.core.cameras import optical_axes_center, orbit_around
 from genvs.core.config import build, spec
 from genvs.core.diffusion import EMA, DiscreteSchedule, NoiseSchedule
 from genvs.core.model import BaseNVSModel, OptimConfig
-from genvs.core.samplers import DDIMScheduler, Sampler
+from genvs.core.samplers import DDIMScheduler, Sampler, sampling_progress
 from genvs.core.views import Views
 from genvs.methods.dfm.network import (
     DFMDenoiser,
@@ -261,7 +261,7 @@ class DFM(BaseNVSModel):
         cams = torch.cat([context.c2w, targets.c2w], dim=1)  # [B, N, 4, 4]
         center = optical_axes_center(cams)  # [B, 3]
         up = -cams[..., :3, 1].mean(dim=1)  # OpenCV y points down
-        c2w = orbit_around(context.c2w[:, 0], center, up, n)  # [B, n, 4, 4]
+        c2w = orbit_around(context.c2w[:, 0], n, axis=up, center=center)  # [B, n, 4, 4]
         K = context.K[:, :1].expand(-1, n, 3, 3)
         H, W = targets.H, targets.W
         if self.stage == "pixelnerf":
@@ -270,11 +270,14 @@ class DFM(BaseNVSModel):
             out = self.denoiser.render(scene, K, c2w, size=(H, W))
         return Views(out.rgb.clamp(-1, 1), K, c2w, depth=out.depth, scene=list(context.scene))
 
-    def predict_step(self, batch: Views, batch_idx: int) -> dict[str, Any]:
-        context, targets = batch.split()
-        with self.ema_weights(), torch.no_grad():
+    def predict_step(self, batch: Views | tuple[Views, Views], batch_idx: int) -> dict[str, Any]:
+        """As `BaseNVSModel.predict_step` (``batch`` may be ``(context, camera-only targets)``, e.g. the
+        datamodule's ``predict_orbit``), plus ``"orbit"``: ``orbit_frames`` cameras around the sampled scene."""
+        context, targets = batch if isinstance(batch, tuple) else batch.split()
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        with self.ema_weights(), torch.no_grad(), sampling_progress(bar):
             pred, scene = self.sample_scene(context, targets.cameras_only(), generator=self._generator(batch_idx))
-            out: dict[str, Any] = {"context": context, "pred": pred, "target": targets}
+            out: dict[str, Any] = {"context": context, "pred": pred, "target": targets if targets.images is not None else None}
             if self.orbit_frames > 0:
                 out["orbit"] = self.render_orbit(scene, context, targets, self.orbit_frames)
         return out
