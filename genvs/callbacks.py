@@ -84,7 +84,8 @@ class PredictionWriter(L.Callback):
                             /depth_<i>.png     their depth, colourised, when the method predicts depth
                             /gt_<i>.png        ground truth, when the dataset has it
                             /grid.png          context | generated | ground truth
-                            /orbit.gif         the generated views in order
+                            /orbit.gif         the generated views in order, or the ``"orbit"`` views a
+                                               method returns (e.g. DFM renders an orbit of its scene)
                             /<name>.png        any other ``[B, 3, H, W]`` image the model returns under
                                                ``<name>`` (e.g. MVDiffusion's stitched ``panorama``)
 
@@ -131,8 +132,10 @@ class PredictionWriter(L.Callback):
             tgt = target.images[b : b + 1] if target is not None and target.images is not None else None
             ctx = context.images[b : b + 1] if has_context else pred.images.new_zeros(1, 0, *pred.images.shape[2:])
             save_image(views_grid(ctx, pred.images[b : b + 1], tgt), folder / "grid.png")
-            if self.gif and pred.V > 1:
-                save_gif(pred.images[b], folder / "orbit.gif", self.fps)
+            orbit: Views | None = outputs.get("orbit")  # a method may render its own orbit (DFM's 3D scene)
+            frames = orbit.images[b] if orbit is not None else pred.images[b]
+            if self.gif and len(frames) > 1:
+                save_gif(frames, folder / "orbit.gif", self.fps)
             for name, image in outputs.items():  # extra per-scene images, e.g. a stitched panorama
                 if isinstance(image, Tensor) and image.ndim == 4 and image.shape[:2] == (pred.B, 3):
                     save_image(_to_unit(image[b]), folder / f"{name}.png")

@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "pixel_centers",
     "camera_rays",
+    "pixel_rays",
     "posenc_nerf",
     "ray_posenc",
     "scale_intrinsics",
@@ -29,6 +30,7 @@ __all__ = [
     "opengl_to_opencv",
     "orbit_camera",
     "pivot_viewset",
+    "optical_axes_center",
 ]
 
 
@@ -63,6 +65,29 @@ def camera_rays(K: Tensor, c2w: Tensor, H: int, W: int, normalize: bool = True) 
     origins = c2w[..., None, None, :3, 3].expand_as(dirs)
     return origins, dirs
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Rays through arbitrary pixel coordinates (sparse pixel sets: random patches, single rays)
+# ----------------------------------------------------------------------------------------------
+def pixel_rays(uv: Tensor, K: Tensor, c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """World-space rays through continuous pixel coordinates ``uv [..., N, 2]`` (centres at ``i + 0.5``).
+
+    ``K [..., 3, 3]``, ``c2w [..., 4, 4]`` -> origins, directions ``[..., N, 3]``. Directions are *not*
+    normalised: they have z = 1 in camera space, so the ray parameter ``t`` is the z-depth of the point
+    ``o + t d`` (what volume rendering in genvs integrates over, so depth comes out as z-depth).
+    """
+    K = K.float()
+    c2w = c2w.float()
+    uv = uv.float()
+    fx, fy = K[..., 0, 0, None], K[..., 1, 1, None]  # [..., 1]
+    cx, cy = K[..., 0, 2, None], K[..., 1, 2, None]
+    x = (uv[..., 0] - cx) / fx  # [..., N]
+    y = (uv[..., 1] - cy) / fy
+    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [..., N, 3]
+    dirs = d_cam @ c2w[..., :3, :3].transpose(-1, -2)  # R d per point
+    origins = c2w[..., None, :3, 3].expand_as(dirs)
+    return origins, dirs
 
 def posenc_nerf(x: Tensor, min_deg: int = 0, max_deg: int = 15) -> Tensor:
     """NeRF-style encoding as in 3DiM: ``[x, sin(2^l x), sin(2^l x + pi/2)]`` for ``l in [min_deg, max_deg)``.
@@ -172,19 +197,37 @@ def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, p
 
 
 def orbit_around(c2w: Tensor, n: int, axis=(0.0, 0.0, 1.0), center=(0.0, 0.0, 0.0), degrees: float = 360.0) -> Tensor:
-    """``[n, 4, 4]`` cameras made by rotating camera ``c2w [4, 4]`` about the line through ``center``
+    """``[..., n, 4, 4]`` cameras made by rotating camera ``c2w [..., 4, 4]`` about the line through ``center``
     along ``axis`` in ``n`` equal steps over ``degrees`` (the first is ``c2w`` itself). Elevation and roll
-    of the starting camera are kept, whatever the dataset's up convention."""
-    a = F.normalize(torch.as_tensor(axis, dtype=c2w.dtype), dim=0)
-    c = torch.as_tensor(center, dtype=c2w.dtype)
-    theta = torch.arange(n, dtype=c2w.dtype) * math.radians(degrees) / n
-    Kx = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], dtype=c2w.dtype)
-    eye = torch.eye(3, dtype=c2w.dtype)
-    R = eye + torch.sin(theta)[:, None, None] * Kx + (1 - torch.cos(theta))[:, None, None] * (Kx @ Kx)  # Rodrigues
-    out = c2w.expand(n, 4, 4).clone()
-    out[:, :3, :3] = R @ c2w[:3, :3]
-    out[:, :3, 3] = (R @ (c2w[:3, 3] - c)[:, None]).squeeze(-1) + c
-    return out
+    of the starting camera are kept, whatever the dataset's up convention.
+
+    ``axis`` and ``center`` are 3-sequences or tensors ``[..., 3]`` (one per camera of a batch); the
+    rotation is right-handed about ``axis``.
+    """
+    dt, dev = c2w.dtype, c2w.device
+    a = F.normalize(torch.as_tensor(axis, dtype=torch.float64, device=dev), dim=-1)[..., None, :]  # [..., 1, 3]
+    c = torch.as_tensor(center, dtype=torch.float64, device=dev)[..., None, :, None]  # [..., 1, 3, 1]
+    theta = torch.arange(n, dtype=torch.float64, device=dev) * math.radians(degrees) / n
+    s, co = torch.sin(theta)[:, None, None], torch.cos(theta)[:, None, None]  # [n, 1, 1]
+    zero = torch.zeros_like(a[..., 0])
+    Kx = torch.stack(  # cross-product matrix of the axis, [..., 1, 3, 3]
+        [
+            torch.stack([zero, -a[..., 2], a[..., 1]], -1),
+            torch.stack([a[..., 2], zero, -a[..., 0]], -1),
+            torch.stack([-a[..., 1], a[..., 0], zero], -1),
+        ],
+        dim=-2,
+    )
+    R = torch.eye(3, dtype=torch.float64, device=dev) + s * Kx + (1 - co) * (Kx @ Kx)  # Rodrigues, [..., n, 3, 3]
+    base = c2w.double()[..., None, :, :]  # [..., 1, 4, 4]
+    rot = R @ base[..., :3, :3]
+    trans = R @ (base[..., :3, 3:] - c) + c
+    batch = torch.broadcast_shapes(rot.shape[:-2], trans.shape[:-2])
+    out = torch.zeros(*batch, 4, 4, dtype=torch.float64, device=dev)
+    out[..., :3, :3] = rot
+    out[..., :3, 3:] = trans
+    out[..., 3, 3] = 1
+    return out.to(dt)
 
 
 def opengl_to_opencv(c2w: Tensor) -> Tensor:
@@ -241,3 +284,25 @@ def pivot_viewset(kind: str = "3x9", num_frames: int = 24, step: float = 0.15, p
     else:
         raise ValueError(f"pivot_viewset(kind={kind!r}): use '3x9', 'swing' or 'sweep'")
     return orbit_camera(yaw, pitch, pivot, pivot=pivot)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trajectories around a scene known only through its cameras (videos rendered from sampled scenes)
+# ----------------------------------------------------------------------------------------------
+def optical_axes_center(c2w: Tensor, ridge: float = 1e-4) -> Tensor:
+    """The point closest (least squares) to the optical axes of cameras ``c2w [..., N, 4, 4]`` -> ``[..., 3]``.
+
+    For cameras around an object (CO3D, SRN-like data) it is the point they look at. A small ``ridge``
+    pulls the solution towards the cameras' mean position when the axes are (nearly) parallel, where the
+    problem has no unique solution (a single camera, forward-facing captures).
+    """
+    o = c2w[..., :3, 3].double()  # [..., N, 3]
+    d = F.normalize(c2w[..., :3, 2].double(), dim=-1)
+    eye = torch.eye(3, dtype=torch.float64, device=c2w.device)
+    P = eye - d[..., :, None] * d[..., None, :]  # [..., N, 3, 3] projectors orthogonal to each axis
+    A = P.sum(-3)
+    b = (P @ o[..., None]).sum(-3)  # [..., 3, 1]
+    lam = ridge * A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)[..., None, None]
+    mean = o.mean(-2)[..., None]
+    x = torch.linalg.solve(A + lam * eye, b + lam * mean)
+    return x[..., 0].to(c2w.dtype)

@@ -30,6 +30,7 @@ __all__ = [
     "predict_x0_eps",
     "prediction_target",
     "diffusion_loss",
+    "dynamic_threshold",
     "EMA",
 ]
 
@@ -197,6 +198,24 @@ def diffusion_loss(
     # the loss of each parameterisation expressed as an x0 loss carries weight w_kind(snr)
     w_kind = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[kind]
     return mse * snr.clamp(max=min_snr_gamma) / w_kind
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic thresholding of x0 predictions (Imagen; DFM samples with percentile 0.95)
+# ----------------------------------------------------------------------------------------------
+def dynamic_threshold(x0: Tensor, percentile: float = 0.95) -> Tensor:
+    """Per example, ``s = max(1, quantile(|x0|, percentile))``; return ``clamp(x0, -s, s) / s``.
+
+    Equals plain clipping to ``[-1, 1]`` wherever the quantile is at most 1; otherwise shrinks the whole
+    example into ``[-1, 1]`` instead of saturating it.
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic_threshold percentile={percentile} must lie in (0, 1]")
+    flat = x0.float().flatten(1).abs()
+    s = torch.quantile(flat, percentile, dim=1).clamp_min(1.0)
+    s = _bcast(s, x0)
+    return (x0.float().clamp(-s, s) / s).to(x0.dtype)
 
 
 class EMA(nn.Module):

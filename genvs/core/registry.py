@@ -20,6 +20,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "threedim": "genvs.methods.threedim:ThreeDiM",
     "mvdiffusion": "genvs.methods.mvdiffusion:MVDiffusion",
     "warping": "genvs.methods.warping:WarpingRGBD",
+    "dfm": "genvs.methods.dfm:DFM",
 }
 
 
