@@ -15,6 +15,7 @@ default, nested components included. Extra commands:
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +25,8 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter, check_checkpoint
-from genvs.core.model import BaseNVSModel
+from genvs.callbacks import PredictionWriter, load_checkpoint
+from genvs.core.model import BaseNVSModel, check_checkpoint_method
 from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
 from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
@@ -100,9 +101,38 @@ class GenvsCLI(LightningCLI):
                     print(f"genvs: --ckpt_path last: no checkpoint under {root} yet; starting from scratch")
                 else:
                     print(f"genvs: resuming from {ckpt}")
-            if ckpt is not None:
-                check_checkpoint(ckpt)
+            if ckpt is not None and "://" not in str(ckpt):
+                self._apply_checkpoint_hparams(cfg, ckpt)
+                return
         super()._parse_ckpt_path()
+
+    def _apply_checkpoint_hparams(self, cfg, ckpt: str) -> None:
+        """Lightning's ``_parse_ckpt_path`` made safe: the file is verified and read once with
+        ``weights_only=True`` (tensors memory-mapped, not read), a checkpoint of another method than the
+        configured model is refused by name, then the saved hyperparameters fill the model's config."""
+        meta = load_checkpoint(ckpt, map_location="cpu", mmap=True)
+        model = cfg.get("model")
+        class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if isinstance(class_path, str):
+            module, _, name = class_path.rpartition(".")
+            try:
+                configured = getattr(importlib.import_module(module), name)
+            except Exception:  # noqa: BLE001 - jsonargparse reports unknown classes itself
+                configured = None
+            if isinstance(configured, type):
+                check_checkpoint_method(meta, configured, ckpt)
+        hparams = dict(meta.get("hyper_parameters") or {})
+        del meta
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"genvs: the hyperparameters saved in {ckpt} do not fit the configured model\n")
+            raise
 
 
 def find_last_checkpoint(root: str) -> str | None:

@@ -18,6 +18,7 @@ arguments and ``self.save_hyperparameters()`` is done here for every argument of
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import os
@@ -25,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import IO, Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -33,21 +34,54 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 
+from genvs.callbacks import CheckpointError, check_checkpoint, load_checkpoint
 from genvs.core.config import build, to_spec
 from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.registry import method_name
 from genvs.core.samplers import Sampler, sampling_progress
 from genvs.core.views import Views
 from genvs.eval.evaluator import EvalConfig, Evaluator, run_key
 from genvs.eval.tables import Result, results_table
 
-__all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError"]
+__all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError", "check_checkpoint_method"]
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_checkpoint_method(checkpoint: dict[str, Any], cls: type, path: str | os.PathLike | None = None) -> None:
+    """Raise `CheckpointError` if ``checkpoint`` was written by another method than ``cls``.
+
+    The method is recorded under ``checkpoint["genvs"]["method"]`` by `BaseNVSModel.on_save_checkpoint`. A
+    checkpoint of a parent or child class of ``cls`` is accepted (e.g. a user's subclass of ThreeDiM);
+    checkpoints without the record (written outside genvs) are not checked.
+    """
+    saved = (checkpoint.get("genvs") or {}).get("method") if isinstance(checkpoint, dict) else None
+    if not saved or saved == _qualname(cls):
+        return
+    module, _, name = saved.rpartition(".")
+    try:
+        saved_cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - a method that is not installed here: compare names only
+        saved_cls = None
+    if isinstance(saved_cls, type) and (issubclass(cls, saved_cls) or issubclass(saved_cls, cls)):
+        return
+    what = f"checkpoint {path}" if path is not None else "this checkpoint"
+    reg = method_name(saved_cls) if isinstance(saved_cls, type) else None
+    how = f"--model {reg} or that method's config" if reg else f"--model {saved}"
+    raise CheckpointError(
+        f"{what} was written by {saved}, not {_qualname(cls)}: load it with that method (genvs: {how}; "
+        f"Python: {name}.load_from_checkpoint) or pick a checkpoint of {cls.__name__}"
+    )
 
 
 @dataclass
@@ -164,14 +198,34 @@ class BaseNVSModel(L.LightningModule):
         """Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
         self.configure_model()
 
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, made safe: the file is verified first (a truncated or corrupt
+        file raises `genvs.callbacks.CheckpointError` naming it), unpickled with ``weights_only=True`` (a file
+        that would run code is refused), and a checkpoint of another method is refused with the method that
+        wrote it, before anything is built. ``weights_only=False`` skips the safe read (trusted files only)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            if weights_only is False:
+                check_checkpoint(checkpoint_path)
+            else:
+                meta = load_checkpoint(checkpoint_path, map_location="cpu", mmap=True)  # tensors mapped, not read
+                check_checkpoint_method(meta, cls, checkpoint_path)
+                del meta
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=weights_only, **kwargs,
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("genvs", {}).get("method")
-        mine = f"{type(self).__module__}.{type(self).__qualname__}"
-        if saved is not None and saved != mine:
-            raise ValueError(
-                f"this checkpoint was written by {saved}, not {mine}: load it with that method "
-                f"(e.g. --model {saved}) or pick a checkpoint of {type(self).__name__}"
-            )
+        check_checkpoint_method(checkpoint, type(self))
         state = checkpoint.get("state_dict", {})
         has_ema = any(k.startswith("ema.") for k in state)
         if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
