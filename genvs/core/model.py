@@ -118,7 +118,10 @@ class BaseNVSModel(L.LightningModule):
         ema_decay: EMA decay of the trainable weights; ``0`` disables EMA (sampling uses raw weights).
         use_ema_for_eval: sample with the EMA weights in validation/test/predict.
         channels_last: keep conv weights and activations in channels_last (fast bf16 convs on CPU/GPU).
-        nonfinite_loss: ``error`` stops with the batch's scene ids, ``skip`` skips the step and logs it.
+        nonfinite_loss: what a non-finite training loss does: ``error`` stops with the batch's scene ids,
+            ``skip`` skips the update (on every DDP rank at once) and counts it (``train/skipped_steps``).
+        max_skipped: with ``skip``, stop with an error after more than this many consecutive skipped steps
+            (``None``: never).
         sample_seed: seed of the sampling noise in validation/test/predict (per batch and rank).
         num_log_images: scenes shown in the logged validation image grid.
 
@@ -137,6 +140,7 @@ class BaseNVSModel(L.LightningModule):
         use_ema_for_eval: bool = True,
         channels_last: bool = True,
         nonfinite_loss: Literal["error", "skip"] = "error",
+        max_skipped: int | None = None,
         sample_seed: int = 0,
         num_log_images: int = 4,
     ):
@@ -148,7 +152,15 @@ class BaseNVSModel(L.LightningModule):
         self.ema_decay = ema_decay
         self.use_ema_for_eval = use_ema_for_eval
         self.channels_last = channels_last
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}: use 'error' or 'skip'")
+        if max_skipped is not None and max_skipped < 0:
+            raise ValueError(f"max_skipped={max_skipped} must be >= 0 (or None for no limit)")
         self.nonfinite_loss = nonfinite_loss
+        self.max_skipped = max_skipped
+        self._skipped_steps = 0  # skipped training steps so far (saved in checkpoints)
+        self._consecutive_skips = 0
+        self._skip_update = False  # set by training_step, consumed by optimizer_step
         self.sample_seed = sample_seed
         self.num_log_images = num_log_images
         self.evaluation = EvalConfig()  # a run setting (genvs --evaluation.*), not a hyperparameter
@@ -226,6 +238,9 @@ class BaseNVSModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_method(checkpoint, type(self))
+        saved = checkpoint.get("genvs") or {}
+        self._skipped_steps = int(saved.get("skipped_steps", 0))
+        self._consecutive_skips = int(saved.get("consecutive_skips", 0))
         state = checkpoint.get("state_dict", {})
         has_ema = any(k.startswith("ema.") for k in state)
         if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
@@ -275,22 +290,68 @@ class BaseNVSModel(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def training_step(self, batch: Views, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Views, batch_idx: int) -> Tensor:
         losses = self.training_loss(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            scenes = ", ".join(batch.scene) or "(unknown scenes)"
-            msg = f"non-finite training loss {loss.item()} at step {self.global_step} on scenes: {scenes}"
-            if self.nonfinite_loss == "error":
-                raise NonFiniteLossError(msg + " (set model.nonfinite_loss='skip' to skip such steps)")
-            self.print(f"genvs: skipping step: {msg}")
-            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", batch_size=batch.B)
-            return None
+        reports = self._nonfinite_reports(loss, batch)
+        if reports:
+            return self._nonfinite_step(reports, batch)
+        self._consecutive_skips = 0
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=batch.B, on_step=True
         )
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch.B, on_step=True)
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.B, logger=False)
         return loss
+
+    # ---------------------------------------------------------------------- non-finite losses
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _nonfinite_reports(self, loss: Tensor, batch: Views) -> list[str]:
+        """One line per process whose loss is non-finite (empty when every loss is finite).
+
+        The decision is collective under DDP: the non-finite flag is summed over processes, so every rank
+        sees the same answer and skips (or stops) together; a rank that skipped alone would leave the
+        others waiting in the gradient all-reduce. Scene ids are gathered only when something is wrong.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        world = self._world_size()
+        if world > 1:
+            flag = torch.tensor(float(bad), device=loss.device)
+            if not bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0):
+                return []
+        elif not bad:
+            return []
+        line = f"loss {loss.detach().float().item()} on scenes {', '.join(batch.scene) or '(unknown)'}"
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            lines: list = [None] * world
+            torch.distributed.all_gather_object(lines, line if bad else None)
+            return [f"rank {r}: {ln}" for r, ln in enumerate(lines) if ln is not None]
+        return [line]
+
+    def _nonfinite_step(self, reports: list[str], batch: Views) -> Tensor:
+        """Apply the ``nonfinite_loss`` policy (the same on every rank: ``reports`` are gathered from all)."""
+        msg = f"non-finite training loss at step {self.global_step}: " + "; ".join(reports)
+        if self.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                msg + ". Set model.init_args.nonfinite_loss: skip to skip such steps, or check these scenes' data"
+            )
+        self._skipped_steps += 1
+        self._consecutive_skips += 1
+        if self.max_skipped is not None and self._consecutive_skips > self.max_skipped:
+            raise NonFiniteLossError(
+                f"{self._consecutive_skips} consecutive training steps had a non-finite loss (more than "
+                f"model.init_args.max_skipped={self.max_skipped}); training has diverged. Last: {msg}. Resume from an "
+                "earlier checkpoint with a lower learning rate, or check the data"
+            )
+        self.print(f"genvs: skipping the update of step {self.global_step} ({self._skipped_steps} skipped so far): {msg}")
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch.B, on_step=True)
+        self._skip_update = True
+        # a zero loss that reaches every trainable parameter: under DDP its backward runs the same gradient
+        # all-reduce on every rank (returning None would desynchronise them); optimizer_step then drops it
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed every training batch from ``(seed, batches so far, rank)``.
@@ -309,10 +370,27 @@ class BaseNVSModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import genvs
 
-        checkpoint["genvs"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}", "version": genvs.__version__}
+        checkpoint["genvs"] = {
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "version": genvs.__version__,
+            "skipped_steps": self._skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+        }
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA update; both are left out when the step's loss was non-finite.
+
+        A skipped step still consumes its batch: ``global_step``, the LR schedule and the checkpoint cadence
+        advance as usual, while the weights, the optimizer state (Adam moments and step count) and the EMA do
+        not change. With gradient accumulation, a non-finite micro-batch skips its whole accumulated update.
+        """
+        if optimizer_closure is not None:
+            result = optimizer_closure()  # training_step + backward (+ DDP all-reduce)
+            if self._skip_update:
+                self._skip_update = False
+                return
+            optimizer_closure = lambda: result  # noqa: E731 - the closure already ran
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
             self.ema.update(self.denoiser)
 
