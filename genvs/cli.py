@@ -63,7 +63,16 @@ class GenvsCLI(LightningCLI):
         parser.add_argument("--evaluation", type=EvalConfig, default=EvalConfig(), help="How validation/test score samples.")
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse wraps an error raised while building the model or data (e.g. missing Stable
+            # Diffusion weights) in a generic "Does not validate against any of the Union subtypes" message
+            # with the whole config dumped after it: surface the original, curated error instead
+            original = _raised_by_genvs(e)
+            if original is None or original is e:
+                raise
+            raise original from None
         if not self.subcommand:
             return
         cfg = self.config_init[self.subcommand]
@@ -133,6 +142,25 @@ class GenvsCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write(f"genvs: the hyperparameters saved in {ckpt} do not fit the configured model\n")
             raise
+
+
+_GENVS_DIR = Path(__file__).resolve().parent
+
+
+def _raised_by_genvs(exc: BaseException) -> BaseException | None:
+    """The outermost exception in ``exc``'s cause/context chain that genvs code raised (its traceback ends in
+    the genvs package), or ``None``."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_GENVS_DIR):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def find_last_checkpoint(root: str) -> str | None:

@@ -97,7 +97,10 @@ def read_intrinsics(path: Path, image_hw: tuple[int, int]) -> Tensor:
     else:  # no size line: assume a centred principal point
         h0, w0 = 2 * cy, 2 * cx
     if not all(np.isfinite([f, cx, cy, h0, w0])) or f <= 0 or h0 <= 0 or w0 <= 0:
-        raise DatasetError(f"{path}: intrinsics must be finite and positive, got f={f} cx={cx} cy={cy} size={h0}x{w0}")
+        raise DatasetError(
+            f"{path}: intrinsics must be finite and positive, got f={f} cx={cx} cy={cy} size={h0}x{w0}; the first line "
+            "is 'f cx cy 0.' in pixels (e.g. '131.25 64. 64. 0.') and the last 'H W' of the image they describe"
+        )
     sx, sy = W / w0, H / h0
     return torch.tensor([[f * sx, 0, cx * sx], [0, f * sy, cy * sy], [0, 0, 1]], dtype=torch.float32)
 
@@ -122,7 +125,10 @@ def read_pose(path: Path) -> Tensor:
         raise DatasetError(f"{path}: pose contains NaN or inf; re-export this camera or remove the view")
     R = c2w[:3, :3]
     if (R @ R.T - torch.eye(3)).abs().max() > 1e-2 or (c2w[3] - torch.tensor([0, 0, 0, 1.0])).abs().max() > 1e-6:
-        raise DatasetError(f"{path}: not a rigid camera-to-world matrix (rotation not orthonormal or last row not 0 0 0 1)")
+        raise DatasetError(
+            f"{path}: not a rigid camera-to-world matrix (rotation not orthonormal or last row not 0 0 0 1); write "
+            "the camera as [R t; 0 0 0 1] with R a rotation (OpenCV axes), without scale or shear"
+        )
     return c2w
 
 
