@@ -75,6 +75,11 @@ class GenvsCLI(LightningCLI):
             raise original from None
         if not self.subcommand:
             return
+        try:
+            self._dump_config()  # the resolved config as plain data: results of `genvs test` record it
+            self.model.run_config = self.config_dump
+        except Exception as e:  # noqa: BLE001 - provenance must never stop a run
+            warnings.warn(f"genvs: could not record the resolved config in results ({e})")
         cfg = self.config_init[self.subcommand]
         if cfg.get("sampler") is not None:
             self.model.sampler = cfg["sampler"]
@@ -130,13 +135,16 @@ class GenvsCLI(LightningCLI):
                 configured = None
             if isinstance(configured, type):
                 check_checkpoint_method(meta, configured, ckpt)
+        saved_method = (meta.get("genvs") or {}).get("method")
         hparams = dict(meta.get("hyper_parameters") or {})
         del meta
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        if "_class_path" in hparams:
+        if "_class_path" in hparams:  # written under LightningCLI
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        elif isinstance(class_path, str) or saved_method:  # a model built in Python: its constructor arguments
+            hparams = {"class_path": class_path if isinstance(class_path, str) else saved_method, "init_args": hparams}
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:

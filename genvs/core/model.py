@@ -164,6 +164,7 @@ class BaseNVSModel(L.LightningModule):
         self.sample_seed = sample_seed
         self.num_log_images = num_log_images
         self.evaluation = EvalConfig()  # a run setting (genvs --evaluation.*), not a hyperparameter
+        self.run_config: dict[str, Any] | None = None  # the whole resolved `genvs` config (set by the CLI)
         self.ema: EMA | None = None
         self._evaluator: Evaluator | None = None
         self.last_results: dict[str, Path] | None = None
@@ -493,7 +494,9 @@ class BaseNVSModel(L.LightningModule):
                 "guidance_scale": self.sampler.guidance_scale,
                 "protocol": data.get("protocol"),
                 "hparams": to_spec(dict(self.hparams)),
+                "config": self.run_config,  # trainer, model, data, sampler and evaluation settings of `genvs test`
                 "world_size": self.trainer.world_size if self._trainer is not None else 1,
+                "run": self._run_environment(),
                 "notes": list(notes or []),
             },
         )
@@ -502,6 +505,19 @@ class BaseNVSModel(L.LightningModule):
         paths = results_table([result], title=f"{method} on {dataset}").save(prefix)
         self.print(f"genvs: results written to {paths['md']}\n" + paths["md"].read_text())
         return paths
+
+    def _run_environment(self) -> dict[str, Any]:
+        """What else decides the numbers bit for bit: seeds, device, precision, threads, determinism flags."""
+        trainer = self._trainer
+        return {
+            "seed_everything": os.environ.get("PL_GLOBAL_SEED"),
+            "sample_seed": self.sample_seed,
+            "device": str(self.device),
+            "precision": str(trainer.precision) if trainer is not None else None,
+            "torch_threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        }
 
     def predict_step(self, batch: Views | tuple[Views, Views], batch_idx: int) -> dict[str, Views | None]:
         context, pred = self.generate(batch, batch_idx)
