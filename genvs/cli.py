@@ -16,6 +16,8 @@ default, nested components included. Extra commands:
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +34,7 @@ from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
 from genvs.eval.evaluator import EvalConfig
 
-__all__ = ["GenvsCLI", "main", "run"]
+__all__ = ["GenvsCLI", "main", "run", "user_error_types"]
 
 
 class GenvsCLI(LightningCLI):
@@ -300,12 +302,60 @@ def _methods_command(argv: list[str]) -> int:
 EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command, "table": _table_command}
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of the ``genvs`` command; ``args`` defaults to ``sys.argv[1:]``. Returns 0 on success."""
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input (data, config, checkpoints, weights, diverged training): their messages
+    name the file or argument and the fix, so the ``genvs`` command prints them without a traceback."""
+    from genvs.callbacks import CheckpointError
+    from genvs.core.model import NonFiniteLossError
+    from genvs.core.views import ViewsError
+    from genvs.data.srn import DatasetError
+    from genvs.eval.metrics import MissingWeightsError
+    from genvs.eval.tables import TableError
+
+    types: list[type[BaseException]] = [
+        DatasetError, ViewsError, CheckpointError, NonFiniteLossError, MissingWeightsError, TableError, UnknownMethodError,
+    ]
+    for module, name in (("genvs.methods.mvdiffusion.sd", "StableDiffusionError"),
+                         ("genvs.methods.warping.depth", "DepthWeightsNotFound")):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except Exception:  # noqa: BLE001 - a method that cannot be imported raises none of its errors
+            pass
+    return tuple(types)
+
+
+def _user_message(e: BaseException) -> str:
+    """The error's own message (also when a DataLoader worker wrapped it with the worker's traceback)."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        name = f"{type(e).__module__}.{type(e).__qualname__}"
+        m = re.search(rf"^{re.escape(name)}: (.*)\Z", msg, re.S | re.M)
+        if m:
+            msg = m.group(1).strip()
+    return msg
+
+
+def main(args: list[str] | None = None, friendly_errors: bool | None = None) -> int:
+    """Entry point of the ``genvs`` command; ``args`` defaults to ``sys.argv[1:]``. Returns 0 on success.
+
+    With ``friendly_errors`` (the default when ``args`` is None, i.e. run as the ``genvs`` command) an error
+    about the user's input (`user_error_types`) is printed as ``genvs: error: <message>`` and exits with
+    status 1 instead of a traceback (``GENVS_TRACEBACK=1`` shows it). In-process calls with ``args`` raise.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]](argv[1:])
-    run(argv)
+    friendly = (args is None) if friendly_errors is None else friendly_errors
+    if friendly and os.environ.get("GENVS_TRACEBACK", "0") not in ("", "0"):
+        friendly = False
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            return EXTRA_COMMANDS[argv[0]](argv[1:])
+        run(argv)
+    except Exception as e:
+        if not friendly or not isinstance(e, user_error_types()):
+            raise
+        print(f"genvs: error: {_user_message(e)}", file=sys.stderr)
+        print("genvs: (set GENVS_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        raise SystemExit(1) from None
     return 0
 
 

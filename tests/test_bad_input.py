@@ -492,3 +492,24 @@ def test_colour_modes_that_are_not_errors(tmp_path, toy_root):
     d = SRNScenes(root, "train").load(0, [1, 2])
     assert torch.allclose(d["images"][0], torch.full((3, 32, 32), 51 / 127.5 - 1))
     assert torch.all(d["images"][1] == 1.0)
+
+
+def test_genvs_command_prints_user_errors_without_a_traceback(tmp_path, toy_root, capsys, monkeypatch):
+    """As the `genvs` command (friendly errors), bad input is one line naming the file and the fix, exit status 1;
+    also when a DataLoader worker raised it. GENVS_TRACEBACK=1 gives the traceback back."""
+    root = tmp_path / "srn"
+    shutil.copytree(toy_root / "train", root / "train")
+    shutil.copytree(toy_root / "val", root / "val")
+    for f in (root / "train").glob("*/rgb/*.png"):
+        truncate(f)
+    args = ["fit", *tiny_args(toy_root, tmp_path / "run"), "--data", "genvs.data.SRNDataModule", "--data.root", str(root),
+            "--data.num_workers", "1", "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as info:
+        main(args, friendly_errors=True)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"genvs: error: .*\.png: corrupt or unreadable image .*re-extract or delete this view", err)
+    assert "Traceback" not in err and "worker" not in err
+    monkeypatch.setenv("GENVS_TRACEBACK", "1")
+    with pytest.raises(DatasetError):
+        main(args, friendly_errors=True)
