@@ -321,17 +321,13 @@ def truncated_checkpoint_python(e: Env):
     ThreeDiM.load_from_checkpoint(truncated_checkpoint(e))
 
 
-def truncated_checkpoint_cli(e: Env):
-    main(["test", *tiny_args(e.toy, e.tmp / "run"), "--ckpt_path", str(truncated_checkpoint(e))])
-
-
-def not_a_checkpoint_cli(e: Env):
+def not_a_checkpoint(e: Env):
     (e.tmp / "notes.ckpt").write_text("not a checkpoint")
-    main(["test", *tiny_args(e.toy, e.tmp / "run"), "--ckpt_path", str(e.tmp / "notes.ckpt")])
+    ThreeDiM.load_from_checkpoint(e.tmp / "notes.ckpt")
 
 
-def missing_checkpoint_cli(e: Env):
-    main(["test", *tiny_args(e.toy, e.tmp / "run"), "--ckpt_path", str(e.tmp / "nope.ckpt")])
+def missing_checkpoint(e: Env):
+    ThreeDiM.load_from_checkpoint(e.tmp / "nope.ckpt")  # (the CLI's --ckpt_path: tests/test_resume.py)
 
 
 class RunsCode:
@@ -450,9 +446,8 @@ CASES: list[tuple[str, Callable[[Env], object], type[BaseException], tuple[str, 
     ("other_method_checkpoint_cli_warping", other_method_checkpoint_cli("warping_toy.yaml"), CheckpointError, (r"threedim\.ckpt was written by .*ThreeDiM", r"not genvs\.methods\.warping\.model\.WarpingRGBD", r"--model threedim")),
     ("other_method_checkpoint_python", other_method_checkpoint_python, CheckpointError, (r"threedim\.ckpt was written by .*ThreeDiM, not .*DFM", r"ThreeDiM\.load_from_checkpoint")),
     ("truncated_checkpoint_python", truncated_checkpoint_python, CheckpointError, (r"last\.ckpt \(\d+ bytes\) is truncated or corrupt", r"earlier checkpoint")),
-    ("truncated_checkpoint_cli", truncated_checkpoint_cli, CheckpointError, (r"last\.ckpt \(\d+ bytes\) is truncated or corrupt", r"earlier checkpoint")),
-    ("not_a_checkpoint_cli", not_a_checkpoint_cli, CheckpointError, (r"notes\.ckpt \(\d+ bytes\) is truncated or corrupt",)),
-    ("missing_checkpoint_cli", missing_checkpoint_cli, CheckpointError, (r"nope\.ckpt does not exist", r"--ckpt_path last")),
+    ("not_a_checkpoint", not_a_checkpoint, CheckpointError, (r"notes\.ckpt \(\d+ bytes\) is truncated or corrupt",)),
+    ("missing_checkpoint", missing_checkpoint, CheckpointError, (r"nope\.ckpt does not exist", r"--ckpt_path last")),
     ("code_checkpoint_python", code_checkpoint_python, CheckpointError, (r"refusing to load .*evil\.ckpt", r"would run code", r"GLOBAL posix\.mkdir", r"trust its source")),
     ("code_checkpoint_cli", code_checkpoint_cli, CheckpointError, (r"refusing to load .*evil\.ckpt", r"would run code", r"trust its source")),
     # pretrained weights (never downloaded)
@@ -494,22 +489,36 @@ def test_colour_modes_that_are_not_errors(tmp_path, toy_root):
     assert torch.all(d["images"][1] == 1.0)
 
 
-def test_genvs_command_prints_user_errors_without_a_traceback(tmp_path, toy_root, capsys, monkeypatch):
-    """As the `genvs` command (friendly errors), bad input is one line naming the file and the fix, exit status 1;
-    also when a DataLoader worker raised it. GENVS_TRACEBACK=1 gives the traceback back."""
-    root = tmp_path / "srn"
-    shutil.copytree(toy_root / "train", root / "train")
-    shutil.copytree(toy_root / "val", root / "val")
-    for f in (root / "train").glob("*/rgb/*.png"):
-        truncate(f)
-    args = ["fit", *tiny_args(toy_root, tmp_path / "run"), "--data", "genvs.data.SRNDataModule", "--data.root", str(root),
-            "--data.num_workers", "1", "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.logger", "false"]
+
+def test_genvs_command_prints_user_errors_without_a_traceback(tmp_path, ckpt_3dim, capsys, monkeypatch):
+    """As the `genvs` command (friendly errors), bad input is one line naming the file and the fix, exit status 1.
+    GENVS_TRACEBACK=1 gives the traceback back."""
+    args = ["test", "--config", str(CONFIGS / "dfm_toy.yaml"), "--ckpt_path", str(ckpt_3dim)]
     with pytest.raises(SystemExit) as info:
         main(args, friendly_errors=True)
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert re.search(r"genvs: error: .*\.png: corrupt or unreadable image .*re-extract or delete this view", err)
-    assert "Traceback" not in err and "worker" not in err
+    assert re.match(r"genvs: error: checkpoint .*threedim\.ckpt was written by .*ThreeDiM, not .*DFM: .*--model threedim", err)
+    assert "Traceback" not in err
     monkeypatch.setenv("GENVS_TRACEBACK", "1")
-    with pytest.raises(DatasetError):
+    with pytest.raises(CheckpointError):
         main(args, friendly_errors=True)
+
+
+def test_user_message_unwraps_dataloader_worker_errors():
+    """A DataLoader worker re-raises the worker's error with its traceback in the message; the command prints
+    only the error's own message (the type is kept: the truncated_png_in_loader_worker case)."""
+    from torch._utils import ExceptionWrapper
+
+    from genvs.cli import _user_message
+
+    try:
+        raise DatasetError("/data/obj/rgb/000002.png: corrupt or unreadable image (truncated); re-extract or delete this view")
+    except DatasetError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DatasetError) as info:
+        wrapped.reraise()
+    assert "Original Traceback" in str(info.value)
+    assert _user_message(info.value) == (
+        "/data/obj/rgb/000002.png: corrupt or unreadable image (truncated); re-extract or delete this view"
+    )

@@ -75,6 +75,7 @@ def test_max_skipped_stops_after_too_many_consecutive_skips():
         fit(model, 5)
 
 
+@pytest.mark.slow
 def test_ddp_nan_on_one_rank_skips_every_rank_together():
     """2 CPU processes (gloo). A hang would be a timeout here, never a blocked suite."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

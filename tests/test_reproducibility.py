@@ -34,7 +34,7 @@ def tiny_3dim(seed: int = 0) -> ThreeDiM:
 
 @pytest.fixture(scope="module")
 def batch(toy_root):
-    ds = MultiViewDataset(SRNScenes(toy_root, "test"), protocol=EvalProtocol(input_views=[0], num_targets=2))
+    ds = MultiViewDataset(SRNScenes(toy_root, "test"), protocol=EvalProtocol(input_views=[0], num_targets=1))
     return collate([ds[0], ds[1]])
 
 
