@@ -351,8 +351,7 @@ class BaseNVSModel(L.LightningModule):
         self._skip_update = True
         # a zero loss that reaches every trainable parameter: under DDP its backward runs the same gradient
         # all-reduce on every rank (returning None would desynchronise them); optimizer_step then drops it
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
+        return sum(p.sum().float() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed every training batch from ``(seed, batches so far, rank)``.
