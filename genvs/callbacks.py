@@ -25,6 +25,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
     "check_checkpoint",
+    "load_checkpoint",
 ]
 
 
@@ -142,7 +143,7 @@ class PredictionWriter(L.Callback):
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint is missing, truncated, corrupt, unsafe to unpickle, or of another method."""
 
 
 def check_checkpoint(path: str | Path) -> Path:
@@ -153,7 +154,11 @@ def check_checkpoint(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        where = "a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint {path} {where}; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt), "
+            "or --ckpt_path last to resume from the newest last.ckpt under trainer.default_root_dir"
+        )
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as zf:
@@ -168,6 +173,33 @@ def check_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _refuse_code(path: str | Path, error: Exception) -> CheckpointError:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()] or [type(error).__name__]
+    reason = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
+    return CheckpointError(
+        f"refusing to load {path}: it contains objects that would run code when unpickled ({reason}). "
+        "genvs checkpoints hold plain data only (tensors, numbers, strings); only load this file if you trust its source, "
+        "with torch.load(path, weights_only=False) in your own code."
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Verify a checkpoint (`check_checkpoint`) and load it with ``weights_only=True``.
+
+    Raises `CheckpointError` naming the file if it is missing, truncated or corrupt, or if unpickling it would
+    run code (a pickled function or class instance). ``mmap=True`` maps the tensors instead of reading them: a
+    cheap way to read a large checkpoint's metadata.
+    """
+    check_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise _refuse_code(path, e) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a dict with a state_dict)")
+    return ckpt
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file in the same folder, flushed, then renamed over the
     target: a run killed mid-write leaves the previous checkpoint intact, never a truncated one.
@@ -179,11 +211,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load {path}: it contains objects that would run code when unpickled ({e}). "
-                "genvs checkpoints hold plain data only; only load this file if you trust its source, with "
-                "torch.load(path, weights_only=False) in your own code."
-            ) from None
+            raise _refuse_code(path, e) from None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         path = Path(path)

@@ -15,6 +15,9 @@ default, nested components included. Extra commands:
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -24,14 +27,14 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter, check_checkpoint
-from genvs.core.model import BaseNVSModel
+from genvs.callbacks import PredictionWriter, load_checkpoint
+from genvs.core.model import BaseNVSModel, check_checkpoint_method
 from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
 from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
 from genvs.eval.evaluator import EvalConfig
 
-__all__ = ["GenvsCLI", "main", "run"]
+__all__ = ["GenvsCLI", "main", "run", "user_error_types"]
 
 
 class GenvsCLI(LightningCLI):
@@ -62,9 +65,23 @@ class GenvsCLI(LightningCLI):
         parser.add_argument("--evaluation", type=EvalConfig, default=EvalConfig(), help="How validation/test score samples.")
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse wraps an error raised while building the model or data (e.g. missing Stable
+            # Diffusion weights) in a generic "Does not validate against any of the Union subtypes" message
+            # with the whole config dumped after it: surface the original, curated error instead
+            original = _raised_by_genvs(e)
+            if original is None or original is e:
+                raise
+            raise original from None
         if not self.subcommand:
             return
+        try:
+            self._dump_config()  # the resolved config as plain data: results of `genvs test` record it
+            self.model.run_config = self.config_dump
+        except Exception as e:  # noqa: BLE001 - provenance must never stop a run
+            warnings.warn(f"genvs: could not record the resolved config in results ({e})")
         cfg = self.config_init[self.subcommand]
         if cfg.get("sampler") is not None:
             self.model.sampler = cfg["sampler"]
@@ -100,9 +117,60 @@ class GenvsCLI(LightningCLI):
                     print(f"genvs: --ckpt_path last: no checkpoint under {root} yet; starting from scratch")
                 else:
                     print(f"genvs: resuming from {ckpt}")
-            if ckpt is not None:
-                check_checkpoint(ckpt)
+            if ckpt is not None and "://" not in str(ckpt):
+                self._apply_checkpoint_hparams(cfg, ckpt)
+                return
         super()._parse_ckpt_path()
+
+    def _apply_checkpoint_hparams(self, cfg, ckpt: str) -> None:
+        """Lightning's ``_parse_ckpt_path`` made safe: the file is verified and read once with
+        ``weights_only=True`` (tensors memory-mapped, not read), a checkpoint of another method than the
+        configured model is refused by name, then the saved hyperparameters fill the model's config."""
+        meta = load_checkpoint(ckpt, map_location="cpu", mmap=True)
+        model = cfg.get("model")
+        class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if isinstance(class_path, str):
+            module, _, name = class_path.rpartition(".")
+            try:
+                configured = getattr(importlib.import_module(module), name)
+            except Exception:  # noqa: BLE001 - jsonargparse reports unknown classes itself
+                configured = None
+            if isinstance(configured, type):
+                check_checkpoint_method(meta, configured, ckpt)
+        saved_method = (meta.get("genvs") or {}).get("method")
+        hparams = dict(meta.get("hyper_parameters") or {})
+        del meta
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:  # written under LightningCLI
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        elif isinstance(class_path, str) or saved_method:  # a model built in Python: its constructor arguments
+            hparams = {"class_path": class_path if isinstance(class_path, str) else saved_method, "init_args": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"genvs: the hyperparameters saved in {ckpt} do not fit the configured model\n")
+            raise
+
+
+_GENVS_DIR = Path(__file__).resolve().parent
+
+
+def _raised_by_genvs(exc: BaseException) -> BaseException | None:
+    """The outermost exception in ``exc``'s cause/context chain that genvs code raised (its traceback ends in
+    the genvs package), or ``None``."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_GENVS_DIR):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def find_last_checkpoint(root: str) -> str | None:
@@ -234,12 +302,60 @@ def _methods_command(argv: list[str]) -> int:
 EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command, "table": _table_command}
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of the ``genvs`` command; ``args`` defaults to ``sys.argv[1:]``. Returns 0 on success."""
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input (data, config, checkpoints, weights, diverged training): their messages
+    name the file or argument and the fix, so the ``genvs`` command prints them without a traceback."""
+    from genvs.callbacks import CheckpointError
+    from genvs.core.model import NonFiniteLossError
+    from genvs.core.views import ViewsError
+    from genvs.data.srn import DatasetError
+    from genvs.eval.metrics import MissingWeightsError
+    from genvs.eval.tables import TableError
+
+    types: list[type[BaseException]] = [
+        DatasetError, ViewsError, CheckpointError, NonFiniteLossError, MissingWeightsError, TableError, UnknownMethodError,
+    ]
+    for module, name in (("genvs.methods.mvdiffusion.sd", "StableDiffusionError"),
+                         ("genvs.methods.warping.depth", "DepthWeightsNotFound")):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except Exception:  # noqa: BLE001 - a method that cannot be imported raises none of its errors
+            pass
+    return tuple(types)
+
+
+def _user_message(e: BaseException) -> str:
+    """The error's own message (also when a DataLoader worker wrapped it with the worker's traceback)."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        name = f"{type(e).__module__}.{type(e).__qualname__}"
+        m = re.search(rf"^{re.escape(name)}: (.*)\Z", msg, re.S | re.M)
+        if m:
+            msg = m.group(1).strip()
+    return msg
+
+
+def main(args: list[str] | None = None, friendly_errors: bool | None = None) -> int:
+    """Entry point of the ``genvs`` command; ``args`` defaults to ``sys.argv[1:]``. Returns 0 on success.
+
+    With ``friendly_errors`` (the default when ``args`` is None, i.e. run as the ``genvs`` command) an error
+    about the user's input (`user_error_types`) is printed as ``genvs: error: <message>`` and exits with
+    status 1 instead of a traceback (``GENVS_TRACEBACK=1`` shows it). In-process calls with ``args`` raise.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]](argv[1:])
-    run(argv)
+    friendly = (args is None) if friendly_errors is None else friendly_errors
+    if friendly and os.environ.get("GENVS_TRACEBACK", "0") not in ("", "0"):
+        friendly = False
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            return EXTRA_COMMANDS[argv[0]](argv[1:])
+        run(argv)
+    except Exception as e:
+        if not friendly or not isinstance(e, user_error_types()):
+            raise
+        print(f"genvs: error: {_user_message(e)}", file=sys.stderr)
+        print("genvs: (set GENVS_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        raise SystemExit(1) from None
     return 0
 
 

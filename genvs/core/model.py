@@ -18,6 +18,7 @@ arguments and ``self.save_hyperparameters()`` is done here for every argument of
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import os
@@ -25,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import IO, Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -33,21 +34,54 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 
+from genvs.callbacks import CheckpointError, check_checkpoint, load_checkpoint
 from genvs.core.config import build, to_spec
 from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.registry import method_name
 from genvs.core.samplers import Sampler, sampling_progress
 from genvs.core.views import Views
 from genvs.eval.evaluator import EvalConfig, Evaluator, run_key
 from genvs.eval.tables import Result, results_table
 
-__all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError"]
+__all__ = ["BaseNVSModel", "OptimConfig", "NonFiniteLossError", "check_checkpoint_method"]
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_checkpoint_method(checkpoint: dict[str, Any], cls: type, path: str | os.PathLike | None = None) -> None:
+    """Raise `CheckpointError` if ``checkpoint`` was written by another method than ``cls``.
+
+    The method is recorded under ``checkpoint["genvs"]["method"]`` by `BaseNVSModel.on_save_checkpoint`. A
+    checkpoint of a parent or child class of ``cls`` is accepted (e.g. a user's subclass of ThreeDiM);
+    checkpoints without the record (written outside genvs) are not checked.
+    """
+    saved = (checkpoint.get("genvs") or {}).get("method") if isinstance(checkpoint, dict) else None
+    if not saved or saved == _qualname(cls):
+        return
+    module, _, name = saved.rpartition(".")
+    try:
+        saved_cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - a method that is not installed here: compare names only
+        saved_cls = None
+    if isinstance(saved_cls, type) and (issubclass(cls, saved_cls) or issubclass(saved_cls, cls)):
+        return
+    what = f"checkpoint {path}" if path is not None else "this checkpoint"
+    reg = method_name(saved_cls) if isinstance(saved_cls, type) else None
+    how = f"--model {reg} or that method's config" if reg else f"--model {saved}"
+    raise CheckpointError(
+        f"{what} was written by {saved}, not {_qualname(cls)}: load it with that method (genvs: {how}; "
+        f"Python: {name}.load_from_checkpoint) or pick a checkpoint of {cls.__name__}"
+    )
 
 
 @dataclass
@@ -84,7 +118,10 @@ class BaseNVSModel(L.LightningModule):
         ema_decay: EMA decay of the trainable weights; ``0`` disables EMA (sampling uses raw weights).
         use_ema_for_eval: sample with the EMA weights in validation/test/predict.
         channels_last: keep conv weights and activations in channels_last (fast bf16 convs on CPU/GPU).
-        nonfinite_loss: ``error`` stops with the batch's scene ids, ``skip`` skips the step and logs it.
+        nonfinite_loss: what a non-finite training loss does: ``error`` stops with the batch's scene ids,
+            ``skip`` skips the update (on every DDP rank at once) and counts it (``train/skipped_steps``).
+        max_skipped: with ``skip``, stop with an error after more than this many consecutive skipped steps
+            (``None``: never).
         sample_seed: seed of the sampling noise in validation/test/predict (per batch and rank).
         num_log_images: scenes shown in the logged validation image grid.
 
@@ -103,6 +140,7 @@ class BaseNVSModel(L.LightningModule):
         use_ema_for_eval: bool = True,
         channels_last: bool = True,
         nonfinite_loss: Literal["error", "skip"] = "error",
+        max_skipped: int | None = None,
         sample_seed: int = 0,
         num_log_images: int = 4,
     ):
@@ -114,10 +152,19 @@ class BaseNVSModel(L.LightningModule):
         self.ema_decay = ema_decay
         self.use_ema_for_eval = use_ema_for_eval
         self.channels_last = channels_last
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"nonfinite_loss={nonfinite_loss!r}: use 'error' or 'skip'")
+        if max_skipped is not None and max_skipped < 0:
+            raise ValueError(f"max_skipped={max_skipped} must be >= 0 (or None for no limit)")
         self.nonfinite_loss = nonfinite_loss
+        self.max_skipped = max_skipped
+        self._skipped_steps = 0  # skipped training steps so far (saved in checkpoints)
+        self._consecutive_skips = 0
+        self._skip_update = False  # set by training_step, consumed by optimizer_step
         self.sample_seed = sample_seed
         self.num_log_images = num_log_images
         self.evaluation = EvalConfig()  # a run setting (genvs --evaluation.*), not a hyperparameter
+        self.run_config: dict[str, Any] | None = None  # the whole resolved `genvs` config (set by the CLI)
         self.ema: EMA | None = None
         self._evaluator: Evaluator | None = None
         self.last_results: dict[str, Path] | None = None
@@ -164,14 +211,37 @@ class BaseNVSModel(L.LightningModule):
         """Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
         self.configure_model()
 
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, made safe: the file is verified first (a truncated or corrupt
+        file raises `genvs.callbacks.CheckpointError` naming it), unpickled with ``weights_only=True`` (a file
+        that would run code is refused), and a checkpoint of another method is refused with the method that
+        wrote it, before anything is built. ``weights_only=False`` skips the safe read (trusted files only)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            if weights_only is False:
+                check_checkpoint(checkpoint_path)
+            else:
+                meta = load_checkpoint(checkpoint_path, map_location="cpu", mmap=True)  # tensors mapped, not read
+                check_checkpoint_method(meta, cls, checkpoint_path)
+                del meta
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=weights_only, **kwargs,
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("genvs", {}).get("method")
-        mine = f"{type(self).__module__}.{type(self).__qualname__}"
-        if saved is not None and saved != mine:
-            raise ValueError(
-                f"this checkpoint was written by {saved}, not {mine}: load it with that method "
-                f"(e.g. --model {saved}) or pick a checkpoint of {type(self).__name__}"
-            )
+        check_checkpoint_method(checkpoint, type(self))
+        saved = checkpoint.get("genvs") or {}
+        self._skipped_steps = int(saved.get("skipped_steps", 0))
+        self._consecutive_skips = int(saved.get("consecutive_skips", 0))
         state = checkpoint.get("state_dict", {})
         has_ema = any(k.startswith("ema.") for k in state)
         if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
@@ -221,22 +291,67 @@ class BaseNVSModel(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def training_step(self, batch: Views, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Views, batch_idx: int) -> Tensor:
         losses = self.training_loss(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            scenes = ", ".join(batch.scene) or "(unknown scenes)"
-            msg = f"non-finite training loss {loss.item()} at step {self.global_step} on scenes: {scenes}"
-            if self.nonfinite_loss == "error":
-                raise NonFiniteLossError(msg + " (set model.nonfinite_loss='skip' to skip such steps)")
-            self.print(f"genvs: skipping step: {msg}")
-            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", batch_size=batch.B)
-            return None
+        reports = self._nonfinite_reports(loss, batch)
+        if reports:
+            return self._nonfinite_step(reports, batch)
+        self._consecutive_skips = 0
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=batch.B, on_step=True
         )
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch.B, on_step=True)
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch.B, logger=False)
         return loss
+
+    # ---------------------------------------------------------------------- non-finite losses
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _nonfinite_reports(self, loss: Tensor, batch: Views) -> list[str]:
+        """One line per process whose loss is non-finite (empty when every loss is finite).
+
+        The decision is collective under DDP: the non-finite flag is summed over processes, so every rank
+        sees the same answer and skips (or stops) together; a rank that skipped alone would leave the
+        others waiting in the gradient all-reduce. Scene ids are gathered only when something is wrong.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        world = self._world_size()
+        if world > 1:
+            flag = torch.tensor(float(bad), device=loss.device)
+            if not bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0):
+                return []
+        elif not bad:
+            return []
+        line = f"loss {loss.detach().float().item()} on scenes {', '.join(batch.scene) or '(unknown)'}"
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            lines: list = [None] * world
+            torch.distributed.all_gather_object(lines, line if bad else None)
+            return [f"rank {r}: {ln}" for r, ln in enumerate(lines) if ln is not None]
+        return [line]
+
+    def _nonfinite_step(self, reports: list[str], batch: Views) -> Tensor:
+        """Apply the ``nonfinite_loss`` policy (the same on every rank: ``reports`` are gathered from all)."""
+        msg = f"non-finite training loss at step {self.global_step}: " + "; ".join(reports)
+        if self.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                msg + ". Set model.init_args.nonfinite_loss: skip to skip such steps, or check these scenes' data"
+            )
+        self._skipped_steps += 1
+        self._consecutive_skips += 1
+        if self.max_skipped is not None and self._consecutive_skips > self.max_skipped:
+            raise NonFiniteLossError(
+                f"{self._consecutive_skips} consecutive training steps had a non-finite loss (more than "
+                f"model.init_args.max_skipped={self.max_skipped}); training has diverged. Last: {msg}. Resume from an "
+                "earlier checkpoint with a lower learning rate, or check the data"
+            )
+        self.print(f"genvs: skipping the update of step {self.global_step} ({self._skipped_steps} skipped so far): {msg}")
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch.B, on_step=True)
+        self._skip_update = True
+        # a zero loss that reaches every trainable parameter: under DDP its backward runs the same gradient
+        # all-reduce on every rank (returning None would desynchronise them); optimizer_step then drops it
+        return sum(p.sum().float() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed every training batch from ``(seed, batches so far, rank)``.
@@ -255,10 +370,27 @@ class BaseNVSModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import genvs
 
-        checkpoint["genvs"] = {"method": f"{type(self).__module__}.{type(self).__qualname__}", "version": genvs.__version__}
+        checkpoint["genvs"] = {
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "version": genvs.__version__,
+            "skipped_steps": self._skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+        }
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA update; both are left out when the step's loss was non-finite.
+
+        A skipped step still consumes its batch: ``global_step``, the LR schedule and the checkpoint cadence
+        advance as usual, while the weights, the optimizer state (Adam moments and step count) and the EMA do
+        not change. With gradient accumulation, a non-finite micro-batch skips its whole accumulated update.
+        """
+        if optimizer_closure is not None:
+            result = optimizer_closure()  # training_step + backward (+ DDP all-reduce)
+            if self._skip_update:
+                self._skip_update = False
+                return
+            optimizer_closure = lambda: result  # noqa: E731 - the closure already ran
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
             self.ema.update(self.denoiser)
 
@@ -361,7 +493,9 @@ class BaseNVSModel(L.LightningModule):
                 "guidance_scale": self.sampler.guidance_scale,
                 "protocol": data.get("protocol"),
                 "hparams": to_spec(dict(self.hparams)),
+                "config": self.run_config,  # trainer, model, data, sampler and evaluation settings of `genvs test`
                 "world_size": self.trainer.world_size if self._trainer is not None else 1,
+                "run": self._run_environment(),
                 "notes": list(notes or []),
             },
         )
@@ -370,6 +504,19 @@ class BaseNVSModel(L.LightningModule):
         paths = results_table([result], title=f"{method} on {dataset}").save(prefix)
         self.print(f"genvs: results written to {paths['md']}\n" + paths["md"].read_text())
         return paths
+
+    def _run_environment(self) -> dict[str, Any]:
+        """What else decides the numbers bit for bit: seeds, device, precision, threads, determinism flags."""
+        trainer = self._trainer
+        return {
+            "seed_everything": os.environ.get("PL_GLOBAL_SEED"),
+            "sample_seed": self.sample_seed,
+            "device": str(self.device),
+            "precision": str(trainer.precision) if trainer is not None else None,
+            "torch_threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        }
 
     def predict_step(self, batch: Views | tuple[Views, Views], batch_idx: int) -> dict[str, Views | None]:
         context, pred = self.generate(batch, batch_idx)

@@ -14,7 +14,14 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-__all__ = ["BUILTIN_METHODS", "UnknownMethodError", "available_methods", "resolve_method", "load_method"]
+__all__ = [
+    "BUILTIN_METHODS",
+    "UnknownMethodError",
+    "available_methods",
+    "resolve_method",
+    "load_method",
+    "method_name",
+]
 
 BUILTIN_METHODS: dict[str, str] = {
     "threedim": "genvs.methods.threedim:ThreeDiM",
@@ -75,3 +82,15 @@ def import_all(strict: bool = False) -> dict[str, str]:
                 raise
             errors[name] = str(e)
     return errors
+
+
+def method_name(cls: type) -> str | None:
+    """The registry name of a method class (``ThreeDiM`` -> ``"threedim"``), or ``None`` if it is not registered."""
+    for name, target in available_methods().items():
+        module, _, attr = target.partition(":")
+        try:
+            if getattr(importlib.import_module(module), attr) is cls:
+                return name
+        except Exception:  # noqa: BLE001 - a broken plugin is not the class we are looking for
+            continue
+    return None

@@ -172,6 +172,15 @@ class Views:
     def cat(views: Sequence["Views"], dim: int = 1, num_context: int | None = None) -> "Views":
         """Concatenate along views (``dim=1``, same scenes) or scenes (``dim=0``, e.g. collation)."""
         first = views[0]
+        if dim == 0:  # collation: scenes must agree on views and size (else torch.cat fails deep inside)
+            shapes = {(v.V, v.H, v.W) for v in views}
+            if len(shapes) > 1:
+                desc = ", ".join(f"{(v.scene or ['?'])[0]}: {v.V} views of {v.H}x{v.W}" for v in views)
+                raise ViewsError(
+                    f"cannot batch scenes with different view counts or image sizes ({desc}). Set "
+                    "data.init_args.image_size to resize every view to one size, give the evaluation protocol a "
+                    "num_targets, or use a batch size of 1"
+                )
         out = {}
         for name in first._tensor_fields():
             parts = [getattr(v, name) for v in views]

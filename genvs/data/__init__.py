@@ -8,7 +8,7 @@ from genvs.data.panorama import PanoramaDataModule, RingScenes, SkyboxScenes, To
 from genvs.data.realestate10k import RealEstate10KDataModule, RealEstate10KScenes
 from genvs.data.scannet import DepthSequenceDataModule, RingSequences, ScanNetScenes
 from genvs.data.single import ImageOrbitDataModule
-from genvs.data.srn import DatasetError, SRNScenes
+from genvs.data.srn import DatasetError, MissingDataError, SRNScenes
 from genvs.data.toy import RoomConfig, ToyConfig, generate_toy_dataset, generate_toy_rooms
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset
 
@@ -28,6 +28,7 @@ __all__ = [
     "FrameWindowDataset",
     "ImageOrbitDataModule",
     "DatasetError",
+    "MissingDataError",
     "SRNScenes",
     "SkyboxScenes",
     "RingScenes",

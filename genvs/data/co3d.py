@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from genvs.core.cameras import optical_axes_center
 from genvs.data.frames import VideoDataModule, VideoRecord, crop_resize, load_rgb
+from genvs.data.srn import DatasetError, MissingDataError
 from genvs.data.views_dataset import SceneSource
 
 __all__ = [
@@ -70,7 +71,7 @@ def co3d_camera_to_opencv(
     elif fmt == "ndc_norm_image_bounds":
         rescale = half_wh
     else:
-        raise ValueError(
+        raise DatasetError(
             f"unknown CO3D intrinsics_format {intrinsics_format!r}: use 'ndc_isotropic' or 'ndc_norm_image_bounds'"
         )
     f_px = f * rescale
@@ -94,7 +95,7 @@ def load_jgz(path: str | Path) -> list | dict:
     """Read a gzipped JSON file (CO3D's ``.jgz``), naming the file on any failure."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"CO3D annotation file {path} not found; download CO3D v2 (https://github.com/facebookresearch/co3d) "
             "and pass its root folder"
         )
@@ -102,7 +103,10 @@ def load_jgz(path: str | Path) -> list | dict:
         with gzip.open(path, "rt", encoding="utf8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"CO3D annotation file {path} is not gzipped JSON: {e}") from e
+        raise DatasetError(
+            f"CO3D annotation file {path} is not gzipped JSON ({e}); the download is corrupt or incomplete: "
+            "download this category again"
+        ) from None
 
 
 @dataclass
@@ -123,7 +127,7 @@ def read_co3d_frames(root: str | Path, category: str) -> dict[str, list[CO3DFram
     path = Path(root) / category / "frame_annotations.jgz"
     entries = load_jgz(path)
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of frame annotations, got {type(entries).__name__}")
+        raise DatasetError(f"{path}: expected a list of frame annotations, got {type(entries).__name__}")
     if not entries:
         return {}
     try:
@@ -161,7 +165,19 @@ def read_co3d_frames(root: str | Path, category: str) -> dict[str, list[CO3DFram
                 )
             )
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: malformed frame annotation ({type(e).__name__}: {e})") from e
+        raise DatasetError(
+            f"{path}: malformed frame annotation ({type(e).__name__}: {e}); expected CO3D v2 entries with "
+            "sequence_name, frame_number, image {path, size} and viewpoint {R, T, focal_length, principal_point}: "
+            "download the category again"
+        ) from None
+    bad = ~(torch.isfinite(Ks).flatten(1).all(1) & torch.isfinite(c2ws).flatten(1).all(1))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise DatasetError(
+            f"{path}: frame {entries[i].get('frame_number')} of sequence {entries[i].get('sequence_name')} (and "
+            f"{int(bad.sum()) - 1} more) has a non-finite camera (NaN or inf in R, T, focal_length or "
+            "principal_point); re-download the annotations or drop those frames from the set list"
+        )
     for frames in out.values():
         frames.sort(key=lambda fr: fr.frame_number)
     return out
@@ -172,11 +188,16 @@ def read_co3d_set_list(root: str | Path, category: str, subset: str, split: str)
     path = Path(root) / category / "set_lists" / f"set_lists_{subset}.json"
     if not path.is_file():
         have = sorted(p.name for p in path.parent.glob("set_lists_*.json")) if path.parent.is_dir() else []
-        raise FileNotFoundError(f"CO3D set list {path} not found (subset={subset!r}); available: {have or 'none'}")
-    with open(path) as f:
-        lists = json.load(f)
+        raise MissingDataError(f"CO3D set list {path} not found (subset={subset!r}); available: {have or 'none'}")
+    try:
+        with open(path) as f:
+            lists = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"CO3D set list {path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(lists, dict):
+        raise DatasetError(f"CO3D set list {path} must map split names to frame lists, got {type(lists).__name__}")
     if split not in lists:
-        raise ValueError(f"{path} has no split {split!r}; it has {sorted(lists)}")
+        raise DatasetError(f"{path} has no split {split!r}; it has {sorted(lists)}")
     out: dict[str, list[int]] = {}
     for item in lists[split]:
         out.setdefault(item[0], []).append(int(item[1]))
@@ -230,7 +251,7 @@ class CO3DScenes(Dataset):
     ):
         self.root = Path(root)
         if not (self.root / category).is_dir():
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"CO3D category folder {self.root / category} not found: root must be the CO3D v2 folder that "
                 f"contains '{category}/frame_annotations.jgz'. Download CO3D v2 with the official script "
                 f"(https://github.com/facebookresearch/co3d: python co3d/download_dataset.py --download_folder "
@@ -249,7 +270,7 @@ class CO3DScenes(Dataset):
                 kept[seq] = [fr for fr in frames.get(seq, []) if fr.frame_number in numbers]
                 if len(kept[seq]) != len(numbers):
                     missing = sorted(numbers - {fr.frame_number for fr in kept[seq]})[:5]
-                    raise ValueError(
+                    raise DatasetError(
                         f"CO3D set list {subset}/{split} names frames of {seq} absent from "
                         f"{category}/frame_annotations.jgz (e.g. frame numbers {missing}); the download is incomplete"
                     )
@@ -257,20 +278,20 @@ class CO3DScenes(Dataset):
         if sequences is not None:
             missing = sorted(set(sequences) - set(frames))
             if missing:
-                raise ValueError(f"CO3D {category}/{split}: unknown sequences {missing}")
+                raise DatasetError(f"CO3D {category}/{split}: unknown sequences {missing}")
             frames = {s: frames[s] for s in sequences}
         if top_quality is not None:
             path = self.root / category / "sequence_annotations.jgz"
             try:
                 score = {e["sequence_name"]: float(e.get("viewpoint_quality_score") or 0.0) for e in load_jgz(path)}
             except (KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}: malformed sequence annotation ({e})") from e
+                raise DatasetError(f"{path}: malformed sequence annotation ({e})") from e
             best = sorted(frames, key=lambda s: score.get(s, 0.0), reverse=True)[:top_quality]
             frames = {s: frames[s] for s in best}
         self.frames = {s: fr for s, fr in sorted(frames.items()) if fr}
         self.sequences = list(self.frames)
         if not self.sequences:
-            raise ValueError(
+            raise DatasetError(
                 f"CO3D {category}: no sequences with frames in split {split!r}"
                 + (f" of set list {subset!r}" if subset else "")
                 + f" under {self.root}; check the download and the subset/split names"
@@ -297,7 +318,7 @@ class CO3DScenes(Dataset):
             else:
                 dist = self._mean_foreground_depth(frames)
             if not dist > 0:
-                raise ValueError(f"CO3D sequence {sequence}: cannot estimate its scale ({self.scene_scale}={dist})")
+                raise DatasetError(f"CO3D sequence {sequence}: cannot estimate its scale ({self.scene_scale}={dist})")
             self._scales[sequence] = self.target_scale / dist
         return self._scales[sequence]
 
@@ -305,7 +326,7 @@ class CO3DScenes(Dataset):
         medians = []
         for fr in frames:
             if fr.depth_path is None or fr.mask_path is None:
-                raise ValueError(f"scene_scale='depth' needs depth and mask paths; frame {fr.image_path} has none")
+                raise DatasetError(f"scene_scale='depth' needs depth and mask paths; frame {fr.image_path} has none")
             depth = load_co3d_depth(self.root / fr.depth_path, fr.depth_scale_adjustment)
             with Image.open(self.root / fr.mask_path) as im:
                 mask = torch.from_numpy(np.array(im.convert("L"), dtype=np.float32) / 255.0)
@@ -331,12 +352,12 @@ class CO3DScenes(Dataset):
             fr = frames[j]
             img = load_rgb(self.root / fr.image_path)
             if tuple(img.shape[-2:]) != fr.image_size:
-                raise ValueError(
+                raise DatasetError(
                     f"image {self.root / fr.image_path} is {tuple(img.shape[-2:])}, its annotation says {fr.image_size}"
                 )
             if self.load_masks:
                 if fr.mask_path is None:
-                    raise ValueError(f"load_masks=True but frame {fr.image_path} has no mask path")
+                    raise DatasetError(f"load_masks=True but frame {fr.image_path} has no mask path")
                 with Image.open(self.root / fr.mask_path) as im:
                     m = torch.from_numpy(np.array(im.convert("L"), dtype=np.float32) / 255.0)[None]
                 img = torch.cat([img, m * 2 - 1], dim=0)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from genvs.core.views import Views
 from genvs.data.module import NVSDataModule
+from genvs.data.srn import DatasetError, MissingDataError, check_color_mode
 from genvs.data.views_dataset import MultiViewDataset, SceneSource
 
 __all__ = [
@@ -58,12 +59,16 @@ def load_rgb(path: str | Path) -> Tensor:
     """RGB image file -> ``[3, H, W]`` float in [-1, 1]; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} is missing")
+        raise MissingDataError(f"image {path} is missing; extract or restore it, or leave its frame out")
     try:
         with Image.open(path) as im:
+            im.load()
+            check_color_mode(im, path)
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"cannot read image {path} ({e}): it is corrupt or truncated; re-extract it") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from genvs.core.cameras import intrinsics_from_fov, pivot_viewset
 from genvs.core.views import Views
 from genvs.data.module import NVSDataModule
-from genvs.data.srn import DatasetError
+from genvs.data.srn import DatasetError, MissingDataError, check_color_mode
 
 __all__ = [
     "ImageRecord",
@@ -69,7 +69,7 @@ def scan_image_folder(root: str | Path, class_labels: bool = True) -> tuple[list
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(
+        raise MissingDataError(
             f"image folder {root} not found. Put the images there (ImageNet: the ILSVRC2012 train images, one "
             "subfolder per class, from https://image-net.org/download.php), or point data.init_args.root at them."
         )
@@ -101,6 +101,8 @@ def load_square_image(path: Path, size: int) -> Tensor:
     """``[3, size, size]`` in [-1, 1]: shorter side resized to ``size`` (Lanczos), centre crop."""
     try:
         with Image.open(path) as im:
+            im.load()
+            check_color_mode(im, path)
             im = im.convert("RGB")
             w, h = im.size
             s = size / min(w, h)
@@ -110,8 +112,10 @@ def load_square_image(path: Path, size: int) -> Tensor:
             im = im.crop((left, top, left + size, top + size))
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise MissingDataError(f"{path}: missing image; restore it or rescan the folder") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
         raise DatasetError(f"{path}: corrupt or unreadable image ({e}); delete or replace it") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1)
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from genvs.data.frames import VideoDataModule, VideoRecord, crop_resize, load_rgb
+from genvs.data.srn import DatasetError, MissingDataError
 from genvs.data.views_dataset import SceneSource
 
 __all__ = ["parse_re10k_pose_file", "parse_re10k_rows", "re10k_to_opencv", "RealEstate10KScenes", "RealEstate10KDataModule"]
@@ -46,10 +47,10 @@ FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
 def parse_re10k_rows(rows: Tensor, where: str) -> tuple[Tensor, Tensor, Tensor]:
     """``[V, 19]`` camera rows -> ``(timestamps [V] int64, intrinsics [V, 4], w2c [V, 4, 4])``."""
     if rows.ndim != 2 or rows.shape[1] != 19 or rows.shape[0] == 0:
-        raise ValueError(f"{where}: expected camera rows of 19 numbers (timestamp fx fy cx cy 0 0 + 3x4 w2c), got {list(rows.shape)}")
+        raise DatasetError(f"{where}: expected camera rows of 19 numbers (timestamp fx fy cx cy 0 0 + 3x4 w2c), got {list(rows.shape)}")
     v = rows.double()
     if not torch.isfinite(v).all():
-        raise ValueError(f"{where}: camera rows contain NaN or inf")
+        raise DatasetError(f"{where}: camera rows contain NaN or inf")
     w2c = torch.eye(4, dtype=torch.float64).repeat(len(v), 1, 1)
     w2c[:, :3, :] = v[:, 7:].reshape(-1, 3, 4)
     return v[:, 0].round().long(), v[:, 1:5].float(), w2c.float()
@@ -60,25 +61,29 @@ def parse_re10k_pose_file(path: str | Path) -> tuple[str, Tensor, Tensor, Tensor
     (fx, fy, cx, cy), w2c [V, 4, 4])``. Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"RealEstate10K camera file {path} not found. {DOWNLOAD_HELP}")
+        raise MissingDataError(f"RealEstate10K camera file {path} not found. {DOWNLOAD_HELP}")
     lines = [ln.strip() for ln in path.read_text().splitlines()]
     lines = [ln for ln in lines if ln]
     if not lines:
-        raise ValueError(f"RealEstate10K camera file {path} is empty")
+        raise DatasetError(f"RealEstate10K camera file {path} is empty")
     url, rows = lines[0], lines[1:]
     if not rows:
-        raise ValueError(f"RealEstate10K camera file {path} lists no frames")
+        raise DatasetError(f"RealEstate10K camera file {path} lists no frames")
     ts, vals = [], []
     for n, ln in enumerate(rows, start=2):
         parts = ln.split()
         if len(parts) != 19:
-            raise ValueError(f"{path}:{n}: expected 19 numbers (timestamp fx fy cx cy 0 0 + 3x4 w2c), got {len(parts)}")
+            raise DatasetError(f"{path}:{n}: expected 19 numbers (timestamp fx fy cx cy 0 0 + 3x4 w2c), got {len(parts)}")
         try:
             ts.append(int(parts[0]))
             vals.append([float(x) for x in parts[1:]])
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: not a number ({e})") from e
+            raise DatasetError(f"{path}:{n}: not a number ({e})") from e
     v = torch.tensor(vals, dtype=torch.float64)
+    finite = torch.isfinite(v).all(1)
+    if not finite.all():
+        n = int((~finite).nonzero()[0]) + 2
+        raise DatasetError(f"{path}:{n}: camera row contains NaN or inf; re-download the camera file or delete that row")
     w2c = torch.eye(4, dtype=torch.float64).repeat(len(rows), 1, 1)
     w2c[:, :3, :] = v[:, 6:].reshape(-1, 3, 4)
     return url, torch.tensor(ts, dtype=torch.int64), v[:, :4].float(), w2c.float()
@@ -138,19 +143,19 @@ class RealEstate10KScenes(Dataset):
             self._mat = self._load_mat(self.pose_mat)
             available = {k: self.pose_mat for k in self._mat}
         else:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"RealEstate10K camera files for split {split!r} not found: expected {self.pose_dir}/<sequence>.txt "
                 f"or {self.pose_mat}. {DOWNLOAD_HELP}"
             )
         if not self.frames_dir.is_dir():
-            raise FileNotFoundError(f"RealEstate10K frames folder {self.frames_dir} not found. {DOWNLOAD_HELP}")
+            raise MissingDataError(f"RealEstate10K frames folder {self.frames_dir} not found. {DOWNLOAD_HELP}")
         if not available:
-            raise FileNotFoundError(f"no RealEstate10K camera files (*.txt) in {self.pose_dir}. {DOWNLOAD_HELP}")
+            raise MissingDataError(f"no RealEstate10K camera files (*.txt) in {self.pose_dir}. {DOWNLOAD_HELP}")
         if sequences is None:
             with_frames = {p.name for p in self.frames_dir.iterdir() if p.is_dir()}
             sequences = sorted(set(available) & with_frames)
             if not sequences:
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"none of the {len(available)} RealEstate10K sequences of split {split!r} has a frames folder in "
                     f"{self.frames_dir} (<sequence>/<timestamp>.png|jpg). {DOWNLOAD_HELP}"
                 )
@@ -173,17 +178,17 @@ class RealEstate10KScenes(Dataset):
         try:
             raw = scipy.io.loadmat(path)
         except Exception as e:  # noqa: BLE001 - any parse failure: name the file
-            raise ValueError(f"cannot read RealEstate10K camera file {path}: {e}") from e
+            raise DatasetError(f"cannot read RealEstate10K camera file {path}: {e}") from e
         return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in raw.items() if not k.startswith("__")}
 
     def _count_rows(self, seq: str) -> int:
         if self._mat is not None:
             if seq not in self._mat:
-                raise FileNotFoundError(f"RealEstate10K sequence {seq} is not in {self.pose_mat}")
+                raise MissingDataError(f"RealEstate10K sequence {seq} is not in {self.pose_mat}")
             return int(self._mat[seq].shape[0])
         path = self.pose_dir / f"{seq}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"RealEstate10K camera file {path} not found. {DOWNLOAD_HELP}")
+            raise MissingDataError(f"RealEstate10K camera file {path} not found. {DOWNLOAD_HELP}")
         lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
         return max(len(lines) - 1, 0)  # first line: the video URL
 
@@ -210,7 +215,7 @@ class RealEstate10KScenes(Dataset):
             p = folder / f"{timestamp}{ext}"
             if p.is_file():
                 return p
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"RealEstate10K frame {folder / str(timestamp)}.png (or .jpg) is missing: extract it from the "
             f"sequence's video at {timestamp / 1e6:.6f} s (e.g. ffmpeg -ss {timestamp / 1e6:.6f} -i VIDEO -frames:v 1 "
             f"{timestamp}.png)"

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from genvs.core.cameras import intrinsics_from_fov, look_at, orbit_around
 from genvs.core.views import Views
 from genvs.data.module import NVSDataModule
-from genvs.data.srn import DatasetError, read_image, read_intrinsics, read_pose
+from genvs.data.srn import MissingDataError, read_image, read_intrinsics, read_pose
 
 __all__ = ["ImageOrbitDataModule"]
 
@@ -32,7 +32,7 @@ class _ImageOrbits(Dataset):
         self.images = [Path(p) for p in module.images]
         for p in self.images:
             if not p.is_file():
-                raise DatasetError(f"{p}: input image not found (data.images lists the images to start from)")
+                raise MissingDataError(f"{p}: input image not found; data.images lists the images to start from")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -26,11 +26,39 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["DatasetError", "SceneRecord", "SRNScenes", "read_intrinsics", "read_pose", "read_image", "read_depth"]
+__all__ = [
+    "DatasetError",
+    "MissingDataError",
+    "SceneRecord",
+    "SRNScenes",
+    "read_intrinsics",
+    "read_pose",
+    "read_image",
+    "read_depth",
+    "check_color_mode",
+]
 
 
 class DatasetError(ValueError):
     """Bad or missing dataset files. The message names the file and the fix."""
+
+
+class MissingDataError(DatasetError, FileNotFoundError):
+    """A dataset folder or file that must exist does not (also a `FileNotFoundError`)."""
+
+
+# single-channel modes with more than 8 bits: depth maps, masks or raw sensor data, never colour views
+_NOT_COLOR_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def check_color_mode(im: Image.Image, path: Path | str) -> None:
+    """Refuse images that cannot be a colour view (16-bit or float single-channel: a depth map or mask saved
+    where a colour image belongs); every other mode (RGB, RGBA, L, P, CMYK, ...) converts to RGB."""
+    if im.mode in _NOT_COLOR_MODES:
+        raise DatasetError(
+            f"{path}: a {im.mode!r} image (single channel, 16-bit or float) where a colour image is expected; it "
+            "looks like a depth map or mask. Put the colour view here, saved as 8-bit RGB/RGBA (PNG or JPEG)"
+        )
 
 
 @dataclass
@@ -55,7 +83,7 @@ def read_intrinsics(path: Path, image_hw: tuple[int, int]) -> Tensor:
         lines = [ln.split() for ln in Path(path).read_text().splitlines() if ln.strip()]
         f, cx, cy = (float(x) for x in lines[0][:3])
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing intrinsics file; every SRN object folder needs intrinsics.txt") from None
+        raise MissingDataError(f"{path}: missing intrinsics file; every SRN object folder needs intrinsics.txt") from None
     except (ValueError, IndexError):
         raise DatasetError(
             f"{path}: malformed intrinsics; the first line must be 'f cx cy 0.' (e.g. '131.25 64. 64. 0.')"
@@ -69,7 +97,10 @@ def read_intrinsics(path: Path, image_hw: tuple[int, int]) -> Tensor:
     else:  # no size line: assume a centred principal point
         h0, w0 = 2 * cy, 2 * cx
     if not all(np.isfinite([f, cx, cy, h0, w0])) or f <= 0 or h0 <= 0 or w0 <= 0:
-        raise DatasetError(f"{path}: intrinsics must be finite and positive, got f={f} cx={cx} cy={cy} size={h0}x{w0}")
+        raise DatasetError(
+            f"{path}: intrinsics must be finite and positive, got f={f} cx={cx} cy={cy} size={h0}x{w0}; the first line "
+            "is 'f cx cy 0.' in pixels (e.g. '131.25 64. 64. 0.') and the last 'H W' of the image they describe"
+        )
     sx, sy = W / w0, H / h0
     return torch.tensor([[f * sx, 0, cx * sx], [0, f * sy, cy * sy], [0, 0, 1]], dtype=torch.float32)
 
@@ -79,9 +110,12 @@ def read_pose(path: Path) -> Tensor:
     try:
         vals = np.array(Path(path).read_text().split(), dtype=np.float64)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing pose file") from None
+        raise MissingDataError(f"{path}: missing pose file; every image needs a pose file with the same number") from None
     except ValueError:
-        raise DatasetError(f"{path}: malformed pose; expected 16 numbers (a 4x4 camera-to-world matrix)") from None
+        raise DatasetError(
+            f"{path}: malformed pose; expected 16 numbers (a 4x4 camera-to-world matrix, row-major) and found text "
+            "that is not a number"
+        ) from None
     if vals.size == 12:
         vals = np.concatenate([vals, [0, 0, 0, 1]])
     if vals.size != 16:
@@ -91,7 +125,10 @@ def read_pose(path: Path) -> Tensor:
         raise DatasetError(f"{path}: pose contains NaN or inf; re-export this camera or remove the view")
     R = c2w[:3, :3]
     if (R @ R.T - torch.eye(3)).abs().max() > 1e-2 or (c2w[3] - torch.tensor([0, 0, 0, 1.0])).abs().max() > 1e-6:
-        raise DatasetError(f"{path}: not a rigid camera-to-world matrix (rotation not orthonormal or last row not 0 0 0 1)")
+        raise DatasetError(
+            f"{path}: not a rigid camera-to-world matrix (rotation not orthonormal or last row not 0 0 0 1); write "
+            "the camera as [R t; 0 0 0 1] with R a rotation (OpenCV axes), without scale or shear"
+        )
     return c2w
 
 
@@ -100,14 +137,17 @@ def read_image(path: Path, expect_hw: tuple[int, int] | None = None) -> Tensor:
     try:
         with Image.open(path) as im:
             im.load()
+            check_color_mode(im, path)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise MissingDataError(f"{path}: missing image; restore it or remove this view (and its pose file)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
         raise DatasetError(f"{path}: corrupt or unreadable image ({e}); re-extract or delete this view") from None
     if expect_hw is not None and arr.shape[:2] != tuple(expect_hw):
         raise DatasetError(
@@ -123,9 +163,9 @@ def read_depth(path: Path) -> Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im, dtype=np.float32)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing depth map") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: corrupt depth map ({e})") from None
+        raise MissingDataError(f"{path}: missing depth map; restore it or delete the object's depth/ folder") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: corrupt depth map ({e}); re-extract it or delete the object's depth/ folder") from None
     return torch.from_numpy(arr / 1000.0)[None]
 
 
@@ -143,7 +183,7 @@ class SRNScenes:
     def __init__(self, root: str | Path, split: str, min_views: int = 1):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(
+            raise MissingDataError(
                 f"dataset folder {self.root} not found. For SRN ShapeNet download pixelNeRF's srn_cars.zip / "
                 "srn_chairs.zip (https://github.com/sxyu/pixel-nerf, 'Getting the data') and unzip it there; "
                 "for the procedural dataset use genvs.data.ToyDataModule or run `genvs data toy --root <folder>`."
@@ -152,8 +192,9 @@ class SRNScenes:
         split_dir = next((c for c in candidates if c.is_dir()), None)
         if split_dir is None:
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-            raise DatasetError(
-                f"{self.root}: no '{split}' split folder (looked for '{split}/' and '*_{split}/'); found {found}"
+            raise MissingDataError(
+                f"{self.root}: no '{split}' split folder (looked for '{split}/' and '*_{split}/'); found {found}. "
+                f"Point the root at the folder that holds the splits, or add the '{split}' split"
             )
         self.split_dir = split_dir
         self.scenes: list[SceneRecord] = []
@@ -187,13 +228,17 @@ class SRNScenes:
         """Views ``views`` of scene ``i``: images ``[V, 3, H, W]``, K ``[V, 3, 3]``, c2w ``[V, 4, 4]``,
         depth ``[V, 1, H, W]`` when available, and foreground ``mask`` (non-white or positive depth)."""
         rec = self.scenes[i]
-        images, poses = [], []
-        hw = None
-        for v in views:
-            img = read_image(rec.images[v], hw)
-            hw = tuple(img.shape[-2:])
-            images.append(img)
-            poses.append(read_pose(rec.poses[v]))
+        images = [read_image(rec.images[v]) for v in views]
+        poses = [read_pose(rec.poses[v]) for v in views]
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        if len(set(sizes)) > 1:
+            common = max(set(sizes), key=sizes.count)
+            odd = [f"{rec.images[v]} is {h}x{w}" for v, (h, w) in zip(views, sizes) if (h, w) != common]
+            raise DatasetError(
+                f"{rec.folder}: views of one object differ in size: {'; '.join(odd)} while the others are "
+                f"{common[0]}x{common[1]}; resize them to one size (all views of an object share the intrinsics)"
+            )
+        hw = sizes[0]
         images_t = torch.stack(images)
         K = read_intrinsics(rec.intrinsics, hw).expand(len(views), 3, 3).clone()
         out = {"images": images_t, "K": K, "c2w": torch.stack(poses)}

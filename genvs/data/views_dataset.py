@@ -83,16 +83,17 @@ class MultiViewDataset(Dataset):
                 bad = [v for v in protocol.input_views if not 0 <= v < rec.num_views]
                 if bad:
                     raise DatasetError(
-                        f"{rec.scene_id}: the evaluation protocol conditions on view(s) {bad} but the scene has "
+                        f"{getattr(rec, 'folder', None) or rec.scene_id}: the evaluation protocol conditions on view(s) {bad} but the scene has "
                         f"{rec.num_views} views; set the protocol's input_views to indices below {rec.num_views}"
                     )
         else:
             need = n_context + n_target
             for rec in source.scenes:
                 if rec.num_views < need:
+                    where = getattr(rec, "folder", None) or rec.scene_id
                     raise DatasetError(
-                        f"{rec.scene_id}: {rec.num_views} views but each training example needs {need} "
-                        f"(n_context={n_context} + n_target={n_target}); lower them or remove the scene"
+                        f"{where}: {rec.num_views} views but each training example needs {need} "
+                        f"(data.init_args.n_context={n_context} + n_target={n_target}); lower them or remove the scene"
                     )
         self.length = n
 
