@@ -146,7 +146,7 @@ class NVSDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
+            drop_last=len(sampler) >= self.batch_size,  # tiny datasets (per process) still give one batch
             num_workers=self.num_workers,
             persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
             collate_fn=collate,
@@ -157,6 +157,9 @@ class NVSDataModule(L.LightningDataModule):
         """Training batches of the current epoch that a restored checkpoint already consumed."""
         loop = trainer.fit_loop
         if not loop.restarting:
+            return 0
+        if loop.epoch_loop.batch_progress.is_last_batch:
+            # written after the epoch's last batch: Lightning goes on with the next epoch, from its start
             return 0
         # `ready` counts the batches of this epoch that had started when the checkpoint was written; a
         # checkpoint written in on_train_batch_end already contains that batch's update

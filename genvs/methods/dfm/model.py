@@ -152,6 +152,7 @@ class DFM(BaseNVSModel):
 
     # --------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.lpips()  # fail before the first step when LPIPS weights are missing
         if self.init_from and self.trainer.ckpt_path is None:  # a fresh run, not a resume
             self.load_initial_weights(self.init_from)
@@ -184,7 +185,7 @@ class DFM(BaseNVSModel):
             for name in self.ema.names:
                 src = state.get(f"ema.{EMA._key(name)}") if src_stage != "pixelnerf" else None
                 getattr(self.ema, EMA._key(name)).copy_(src if src is not None else params[name].detach().float())
-            self.ema.num_updates.zero_()
+            self.ema.reset_count()
         print(f"genvs: DFM initialised from {path} ({src_stage} stage)")
 
     def context_subset(self, views: Views) -> Views:

@@ -266,6 +266,7 @@ class WarpingRGBD(BaseNVSModel):
             )
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self._maybe_load_pretrained(fitting=True)
 
     def on_validation_start(self) -> None:
