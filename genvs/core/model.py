@@ -313,10 +313,11 @@ class BaseNVSModel(L.LightningModule):
         """The loss of `training_loss`, logged, with the non-finite-loss policy (``nonfinite_loss``).
 
         No host-device synchronisation in ``error`` mode: the loss is summed over processes on the device
-        (non-finite if any process's is), copied to the host asynchronously, and checked at the next step,
-        before a checkpoint is written and at the end of training (on CPU at once). ``skip`` mode must
-        decide before the backward pass, so it synchronises once per step. Every process reaches the same
-        decision, so none waits forever for the others.
+        (non-finite if any process's is), copied to the host asynchronously, and checked at the start of
+        the next step, before a checkpoint is written and at the end of training (`check_nonfinite_loss`):
+        the error names the step and its scenes, and no checkpoint holds the weights it produced. ``skip``
+        mode must decide before the backward pass, so it synchronises once per step. Every process reaches
+        the same decision, so none waits forever for the others.
         """
         self.check_nonfinite_loss()
         losses = self.training_loss(batch)
@@ -362,8 +363,6 @@ class BaseNVSModel(L.LightningModule):
         else:
             host, event = both, None
         self._loss_checks.append((host, event, self.global_step, scenes))
-        if event is None:  # already on the host: check now
-            self.check_nonfinite_loss()
 
     def check_nonfinite_loss(self) -> None:
         """Raise `NonFiniteLossError` if a checked training loss (``nonfinite_loss='error'``) was not finite."""

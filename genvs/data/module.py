@@ -28,11 +28,19 @@ class EpochSampler(DistributedSampler):
     """Training order: a permutation that is a pure function of ``(seed, epoch)``, sharded over DDP ranks,
     that can start part-way through an epoch. Lightning keeps it as is under DDP (it is a
     `DistributedSampler`) and calls `set_epoch`; the epoch is forwarded to the dataset so per-example
-    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume)."""
+    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume).
 
-    def __init__(self, dataset: Dataset, seed: int = 0, drop_last: bool = True):
-        single = {} if dist.is_available() and dist.is_initialized() else {"num_replicas": 1, "rank": 0}
-        super().__init__(dataset, shuffle=True, seed=seed, drop_last=drop_last, **single)
+    Rank ``r`` of ``W`` takes the examples ``r, r + W, r + 2W, ...`` of the permutation, so its ``j``-th
+    batch of ``b`` together with the other ranks' ``j``-th batches is exactly the ``j``-th batch of ``W * b``
+    that one process would draw, interleaved (`genvs.core.distributed.BatchRNG` relies on this order).
+    ``num_replicas``/``rank`` default to the process group's (one replica without one)."""
+
+    def __init__(
+        self, dataset: Dataset, seed: int = 0, drop_last: bool = True, num_replicas: int | None = None, rank: int | None = None
+    ):
+        if num_replicas is None and not (dist.is_available() and dist.is_initialized()):
+            num_replicas, rank = 1, 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
