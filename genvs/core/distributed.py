@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["BatchRNG", "clean_param_name", "ShardedEMA", "NVSFSDPStrategy", "fsdp_wrapped_types"]
+__all__ = ["BatchRNG", "as_batch_rng", "clean_param_name", "ShardedEMA", "NVSFSDPStrategy", "fsdp_wrapped_types"]
 
 T = TypeVar("T")
 
@@ -53,20 +53,31 @@ class BatchRNG:
     scene flattened into the batch as ``[B * V, ...]``).
 
     Without a seed (outside a Trainer: scripts, unit tests) draws come from torch's global RNG on one
-    process, exactly as ``torch.rand``/``torch.randn`` would.
+    process, exactly as ``torch.rand``/``torch.randn`` would, or from ``generator`` when one is given.
 
     Args:
-        seed: the step's seed, the same on every process; ``None`` uses torch's global RNG.
+        seed: the step's seed, the same on every process; ``None`` uses torch's global RNG (or ``generator``).
         rank, world_size: this process and the number of data-parallel processes.
         group: rows per example in the first dimension of the draws.
+        generator: unseeded only: draw from this generator (one process; it must live on the device drawn on).
     """
 
-    def __init__(self, seed: int | None = None, rank: int = 0, world_size: int = 1, group: int = 1):
+    def __init__(
+        self,
+        seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        group: int = 1,
+        generator: torch.Generator | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"BatchRNG: rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
         if group < 1:
             raise ValueError(f"BatchRNG: group must be >= 1, got {group}")
+        if generator is not None and (seed is not None or world_size != 1):
+            raise ValueError("BatchRNG: a generator is for single-process, unseeded use")
         self.seed, self.rank, self.world_size, self.group = seed, rank, world_size, group
+        self._fixed = generator
         self._generators: dict[torch.device, torch.Generator] = {}
         self._host = random.Random(seed) if seed is not None else None
 
@@ -84,7 +95,7 @@ class BatchRNG:
     def generator(self, device: torch.device | str | None = None) -> torch.Generator | None:
         """The shared generator on ``device`` (``None`` when unseeded: use the global RNG)."""
         if self.seed is None:
-            return None
+            return self._fixed
         device = torch.device(device if device is not None else "cpu")
         if device.type != "cpu" and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
@@ -141,11 +152,21 @@ class BatchRNG:
         """One integer in ``[low, high)`` for the whole step, the same on every process (a host value: no
         device synchronisation), e.g. a number of views to use this step."""
         if self._host is None:
-            return int(torch.randint(low, high, ()))
+            gen = self._fixed if self._fixed is not None and self._fixed.device.type == "cpu" else None
+            return int(torch.randint(low, high, (), generator=gen))
         return self._host.randrange(low, high)
 
     def __repr__(self) -> str:
         return f"BatchRNG(seed={self.seed}, rank={self.rank}, world_size={self.world_size}, group={self.group})"
+
+
+def as_batch_rng(rng: BatchRNG | torch.Generator | None) -> BatchRNG:
+    """``rng`` as a `BatchRNG`: a plain generator (or ``None``: torch's global RNG) draws for one process.
+    Functions that draw per-example randomness take either, so that a LightningModule can pass its
+    ``batch_rng`` and scripts a generator."""
+    if isinstance(rng, BatchRNG):
+        return rng
+    return BatchRNG(generator=rng)
 
 
 def _size(size: tuple) -> tuple[int, ...]:

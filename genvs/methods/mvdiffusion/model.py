@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from genvs.core.config import spec
+from genvs.core.distributed import BatchRNG
 from genvs.core.geometry import perspective_to_equirect
 from genvs.core.model import BaseNVSModel, OptimConfig
 from genvs.core.samplers import DDIMScheduler, Sampler, sampling_progress
@@ -270,7 +271,7 @@ class MVDiffusion(BaseNVSModel):
         """``[L, D]`` the empty prompt's embedding (the unconditional branch of classifier-free guidance)."""
         return self.prompt_encoder([""])[0].to(self.device)
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool | None = None) -> Tensor:
+    def encode(self, images: Tensor, generator: BatchRNG | torch.Generator | None = None, sample: bool | None = None) -> Tensor:
         return encode_images(self.vae, images, generator, self.vae_sample if sample is None else sample)
 
     def correspondences(
@@ -308,7 +309,8 @@ class MVDiffusion(BaseNVSModel):
             raise ValueError("MVDiffusion.training_loss needs views with images")
         B, V, H, W = views.B, views.V, views.H, views.W
         nc = views.num_context
-        latents = self.encode(views.images)
+        rng = self.batch_rng  # per-example draws, independent of the process layout
+        latents = self.encode(views.images, generator=rng)
         text = self.encode_prompts(views.prompts, B, V)
         corr = self.correspondences(views.K, views.c2w, (H, W), views.depth)
         extra = condition = None
@@ -321,7 +323,7 @@ class MVDiffusion(BaseNVSModel):
         if self.task == "image_panorama":
             if nc < 1:
                 raise ValueError("task 'image_panorama' needs the given view first: set data num_context: 1")
-            masked = self.encode(views.images * given[..., None, None, None].to(views.images.dtype))
+            masked = self.encode(views.images * given[..., None, None, None].to(views.images.dtype), generator=rng)
             extra = inpaint_channels(masked, given)
         elif self.task == "depth":
             if views.depth is None:
@@ -329,7 +331,9 @@ class MVDiffusion(BaseNVSModel):
             extra = depth_channel(views.depth, latents.shape[-2:])
             if nc:  # interpolation batch: the first views are key frames whose latents condition the others
                 condition = keyframe_condition(latents, given)
-        loss = training_loss(self.denoiser, self.noise_schedule, latents, text, corr, extra, condition, self.prediction)
+        loss = training_loss(
+            self.denoiser, self.noise_schedule, latents, text, corr, extra, condition, self.prediction, generator=rng
+        )
         return {"loss": loss.mean()}
 
     # --------------------------------------------------------------------------------- sampling
