@@ -209,6 +209,89 @@ def test_xunet_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout)
         torch.testing.assert_close(ga[n], gb[n], msg=n)
 
 
+def _same_loss_and_grads(make, run):
+    """``make(flag)`` builds a module (same weights for both flags), ``run(module)`` returns a loss."""
+    results = []
+    for flag in (False, True):
+        m = make(flag)
+        torch.manual_seed(3)
+        loss = run(m)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], msg=n)
+
+
+def test_admunet_and_dit_gradient_checkpointing_give_the_same_loss_and_gradients():
+    from genvs.methods.dfm.pixelnerf import DiTBlock, DiTEncoder
+    from genvs.methods.warping.network import ADMUNet, Attention, ResBlock
+
+    def adm(flag):
+        torch.manual_seed(0)
+        net = ADMUNet(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                      image_size=16, num_head_channels=8, num_classes=5, num_groups=8, dropout=0.1,
+                      gradient_checkpointing=flag)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        return net.train()
+
+    x = torch.randn(2, 4, 16, 16)
+    _same_loss_and_grads(adm, lambda n: n(x, torch.tensor([3, 700]), torch.tensor([1, -1])).pow(2).mean())
+    assert fsdp_wrapped_types(adm(False)) == {ResBlock, Attention}
+
+    def dit(flag):
+        torch.manual_seed(0)
+        enc = DiTEncoder(in_channels_target=7, out_channels=8, hidden_size=32, depth=2, num_heads=2, stem_channels=8,
+                         gradient_checkpointing=flag)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        return enc
+
+    img = torch.randn(2, 3, 8, 8)
+    _same_loss_and_grads(dit, lambda e: e(img, torch.tensor([0.2, 0.7])).pow(2).mean())
+    assert fsdp_wrapped_types(dit(False)) == {DiTBlock}
+
+
+def test_mvdiffusion_unet_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    from genvs.core.geometry import panorama_cameras
+    from genvs.methods.mvdiffusion.correspondences import homography_correspondences
+    from genvs.methods.mvdiffusion.network import MultiViewUNet, sd_schedule, training_loss
+    from genvs.methods.mvdiffusion.sd import build_tiny_sd, load_stable_diffusion
+
+    folder = build_tiny_sd(tmp_path / "sd", kind="base", text_encoder=False, seed=0)
+    B, V = 1, 3
+    K, c2w = panorama_cameras(V, 120.0, 32)
+    K, c2w = K[None], c2w[None]
+    torch.manual_seed(1)
+    lat, emb = torch.randn(B, V, 4, 4, 4), torch.randn(B, V, 16, 32)
+    adapter = None
+
+    def make(flag):
+        nonlocal adapter
+        sd = load_stable_diffusion(folder, text_encoder=False)
+        net = MultiViewUNet(sd.unet, checkpoint=False, gradient_checkpointing=flag).train()
+        if adapter is None:
+            torch.manual_seed(2)
+            for p in net.adapter.parameters():
+                torch.nn.init.normal_(p, std=0.05)
+            adapter = net.adapter.state_dict()
+        net.adapter.load_state_dict(adapter)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in net.unet.modules()) == flag
+        return net
+
+    def run(net):
+        corr = homography_correspondences(K, c2w, (32, 32), net.feature_sizes((4, 4)))
+        schedule, pred = sd_schedule(load_stable_diffusion(folder, text_encoder=False).scheduler_config)
+        return training_loss(net, schedule, lat, emb, corr, prediction=pred, generator=torch.Generator().manual_seed(3)).mean()
+
+    _same_loss_and_grads(make, run)
+
+
 # -------------------------------------------------------------------------------- non-finite loss
 class NaNAt(L.Callback):
     """Makes the loss of one training step NaN."""

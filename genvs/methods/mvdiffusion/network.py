@@ -49,6 +49,9 @@ class MultiViewUNet(nn.Module):
         variant: ``"panorama"`` or ``"depth"`` (see `CAAAdapter`).
         condition_channels: 5 for the depth model's interpolation stage (key-frame latents + mask), else 0.
         checkpoint: activation checkpointing of the CAA blocks (as the official code).
+        gradient_checkpointing: activation checkpointing of the frozen UNet's blocks too (diffusers'
+            ``enable_gradient_checkpointing``): the adapter's gradients flow back through every UNet block,
+            whose activations dominate memory at 512x512 with 8 views; same loss and gradients.
     """
 
     def __init__(
@@ -59,9 +62,12 @@ class MultiViewUNet(nn.Module):
         condition_channels: int = 0,
         checkpoint: bool = True,
         pe_octaves: tuple[float, float] | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.unet = freeze(unet)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.adapter = CAAAdapter(unet, variant, head_dim, condition_channels, checkpoint, pe_octaves)
 
     def train(self, mode: bool = True) -> "MultiViewUNet":
