@@ -83,6 +83,12 @@ ADAPTER_FILE = "mvdiffusion_caa.safetensors"
 FROZEN_PREFIXES = ("denoiser.unet.", "vae.", "prompt_encoder.")
 
 
+def _ring_signature(K: Tensor, c2w: Tensor) -> Tensor:
+    """``[B, 18]``: intrinsics and rotations relative to the first view (what the homographies depend on)."""
+    rel = c2w[:, :1, :3, :3].transpose(-1, -2) @ c2w[..., :3, :3]
+    return torch.cat([K.flatten(1), rel.flatten(1)], 1).float()
+
+
 class MVDiffusion(BaseNVSModel):
     """MVDiffusion: frozen SD + correspondence-aware attention (see the module docstring).
 
@@ -184,6 +190,7 @@ class MVDiffusion(BaseNVSModel):
             load_adapter(self.denoiser.adapter, adapter_path)
         self.vae_factor = vae_scale_factor(self.vae)
         self._corr_cache: tuple[Any, Correspondences] | None = None
+        self._host_cameras: tuple[Tensor, Tensor] | None = None
         self._warned_no_prompts = False
 
     @staticmethod
@@ -292,8 +299,12 @@ class MVDiffusion(BaseNVSModel):
             )
         # homographies depend only on intrinsics and relative rotations: one computation serves a batch
         # of identical rings, and the cache serves every later batch with the same ring
-        rel = c2w[:, :1, :3, :3].transpose(-1, -2) @ c2w[..., :3, :3]
-        sig = torch.cat([K.flatten(1), rel.flatten(1)], 1).float()
+        host = self._host_cameras  # the batch's cameras before they moved to the device: no device read
+        self._host_cameras = None
+        if host is not None and K.device.type != "cpu" and host[0].shape == K.shape and host[1].shape == c2w.shape:
+            sig = _ring_signature(*host)
+        else:
+            sig = _ring_signature(K, c2w)
         shared = bool((sig - sig[:1]).abs().max() < 1e-4)
         if shared:
             key = (tuple(sizes), tuple(image_size), str(K.device), torch.round(sig[0] * 1e4).cpu().numpy().tobytes())
@@ -306,6 +317,12 @@ class MVDiffusion(BaseNVSModel):
         if shared:
             self._corr_cache = (key, corr)
         return corr
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        views = batch[0] if isinstance(batch, tuple) else batch
+        if isinstance(views, Views) and self.task != "depth":  # see `correspondences`
+            self._host_cameras = (views.K, views.c2w)
+        return batch
 
     # -------------------------------------------------------------------------------- training
     def training_loss(self, views: Views) -> dict[str, Tensor]:
