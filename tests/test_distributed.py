@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import types
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 from torch.utils.data import DataLoader
 
 from conftest import TINY_TOY, TINY_XUNET
@@ -339,3 +341,43 @@ def test_sgd_momentum_and_its_errors():
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="Adagrad has no momentum"):
         tiny_model(optim=OptimConfig(name="Adagrad", momentum=0.9)).configure_optimizers()
+
+
+# ------------------------------------------------------------------------------------ multi-GPU configs
+MULTIGPU = Path(__file__).parents[1] / "configs" / "multigpu"
+BASE_CARS = Path(__file__).parents[1] / "configs" / "3dim_cars.yaml"
+
+
+@pytest.mark.parametrize(
+    "overlay, nodes, strategy",
+    [
+        ("3dim_cars_ddp_8gpu.yaml", 1, "lightning.pytorch.strategies.DDPStrategy"),
+        ("3dim_cars_2x8gpu.yaml", 2, "lightning.pytorch.strategies.DDPStrategy"),
+        ("3dim_cars_fsdp.yaml", 1, "genvs.core.distributed.NVSFSDPStrategy"),
+    ],
+)
+def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, strategy, capsys):
+    from genvs.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(BASE_CARS), "--config", str(MULTIGPU / overlay), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    base = yaml.safe_load(BASE_CARS.read_text())
+    tr = cfg["trainer"]
+    assert (tr["num_nodes"], tr["devices"], tr["precision"]) == (nodes, 8, "bf16-mixed")
+    assert tr["strategy"]["class_path"] == strategy
+    assert tr["num_nodes"] * tr["devices"] * cfg["data"]["init_args"]["batch_size"] == 128  # the paper's batch
+    net = cfg["model"]["init_args"]["network"]["init_args"]
+    for k, v in base["model"]["init_args"]["network"]["init_args"].items():  # the overlay keeps the model
+        assert net[k] == v, k
+    assert net["gradient_checkpointing"] == ("fsdp" in overlay)
+    assert cfg["model"]["init_args"]["optim"]["lr"] == base["model"]["init_args"]["optim"]["lr"]
+    if "fsdp" in overlay:
+        from genvs.core.distributed import NVSFSDPStrategy
+        from lightning.pytorch.plugins.precision import FSDPPrecision
+
+        args = {k: v for k, v in tr["strategy"]["init_args"].items() if v is not None}
+        s = NVSFSDPStrategy(**args, precision_plugin=FSDPPrecision("bf16-mixed"))
+        mp = s.mixed_precision_config
+        assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+        assert NVSFSDPStrategy(fp32_reduce=False, precision_plugin=FSDPPrecision("bf16-mixed")).mixed_precision_config.reduce_dtype == torch.bfloat16

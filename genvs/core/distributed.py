@@ -371,13 +371,30 @@ class NVSFSDPStrategy(_fsdp_strategy_base()):
     - after wrapping, the model's EMA is rebuilt over the weight shards (`ShardedEMA`); checkpoints
       (``state_dict_type="full"``, the default) hold the full weights and EMA under the same keys as a
       DDP or single-device run, and load into any of them;
+    - with ``precision: bf16-mixed`` gradients are reduced (and buffers kept) in float32, as under DDP
+      (Lightning's FSDP default reduces them in bf16); ``fp32_reduce: false`` restores that, an explicit
+      ``mixed_precision`` overrides both;
     - it also runs on CPU with the gloo backend (for tests and debugging; Lightning's own class refuses
       CPU). Use CUDA for real training.
+
+    Args:
+        fp32_reduce: reduce gradients in float32 under mixed precision.
+        (the rest: Lightning's `FSDPStrategy`, e.g. ``sharding_strategy``, ``state_dict_type``, ``cpu_offload``)
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, fp32_reduce: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.fp32_reduce = fp32_reduce
         self._policy_given = "auto_wrap_policy" in self.kwargs
+
+    @property
+    def mixed_precision_config(self):
+        cfg = super().mixed_precision_config
+        if cfg is None or self.mixed_precision is not None or not self.fp32_reduce:
+            return cfg
+        from torch.distributed.fsdp import MixedPrecision
+
+        return MixedPrecision(param_dtype=cfg.param_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
