@@ -381,3 +381,13 @@ def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, s
         mp = s.mixed_precision_config
         assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
         assert NVSFSDPStrategy(fp32_reduce=False, precision_plugin=FSDPPrecision("bf16-mixed")).mixed_precision_config.reduce_dtype == torch.bfloat16
+
+
+def test_test_scenes_are_sharded_without_repeats():
+    from genvs.data.module import unrepeated_sampler
+
+    data = list(range(5))
+    parts = [list(unrepeated_sampler(data, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert parts == [[0, 2, 4], [1, 3]]  # every scene once (Lightning's sampler would repeat scene 0)
+    assert unrepeated_sampler(data) is None  # one process: the plain loader
+    assert unrepeated_sampler([0], num_replicas=2, rank=0) is None  # fewer scenes than processes

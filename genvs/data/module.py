@@ -1,8 +1,9 @@
 """`NVSDataModule`: n context + n target views per scene, for every method and dataset.
 
 Subclasses only say where scenes come from (`NVSDataModule.scene_source`). Batches are `Views` with
-``num_context`` set. Under DDP, Lightning shards the training set with a `DistributedSampler`; the
-evaluation loaders shard without repeating scenes, so every scene is scored exactly once.
+``num_context`` set. Under DDP the training set is sharded by `EpochSampler`; test and predict loaders
+shard without repeating scenes, so every scene is scored exactly once (`unrepeated_sampler`); validation
+uses Lightning's padded sampler.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from genvs.data.srn import SRNScenes
 from genvs.data.toy import ToyConfig, ensure_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
 
-__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate"]
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate", "unrepeated_sampler"]
 
 
 class EpochSampler(DistributedSampler):
@@ -131,10 +132,12 @@ class NVSDataModule(L.LightningDataModule):
 
     def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self.dataset(stage)
+        sampler = unrepeated_sampler(dataset) if stage == "test" else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
         )
@@ -181,6 +184,27 @@ class NVSDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.eval_batch_size, shuffle=False)
+
+
+def unrepeated_sampler(dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> DistributedSampler | None:
+    """Under DDP, each test scene on exactly one process (``None`` on one process, or with fewer scenes than
+    processes): rank ``r`` takes scenes ``r, r + W, ...``, so ranks may get one batch more than others.
+
+    Lightning's own sampler pads the last batches by repeating scenes, which would score them twice.
+    Testing is safe with uneven ranks (no collective runs per batch; `genvs.eval.Evaluator` reduces once at
+    the end). Validation during ``fit`` runs through the DDP wrapper, which may synchronise buffers on every
+    forward, so validation keeps Lightning's padded sampler (its monitoring scores may count a few scenes
+    twice).
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    if num_replicas is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        num_replicas, rank = dist.get_world_size(), dist.get_rank()
+    if num_replicas <= 1 or len(dataset) < num_replicas:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
 
 def collate(items: list) -> Views | tuple[Views, Views]:
