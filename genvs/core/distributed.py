@@ -97,8 +97,8 @@ class BatchRNG:
         if self.seed is None:
             return self._fixed
         device = torch.device(device if device is not None else "cpu")
-        if device.type != "cpu" and device.index is None:
-            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         g = self._generators.get(device)
         if g is None:
             g = self._generators[device] = torch.Generator(device=device)
