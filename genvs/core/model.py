@@ -380,7 +380,7 @@ class BaseNVSModel(L.LightningModule):
                 )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Reseed every training batch from ``(seed, batches so far)``.
+        """Reseed every training batch from ``(seed, batches so far)`` (and the rank, for the global RNG).
 
         The randomness of a step (noise levels, noise, CFG dropout, dropout) is then a function of the
         step alone, so a run resumed from a checkpoint continues exactly like the uninterrupted run,
