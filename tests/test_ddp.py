@@ -2,13 +2,16 @@
 
 Two processes with batch ``b`` each must train exactly like one process with batch ``2b``: the
 `EpochSampler` gives the two ranks the same examples (interleaved) as the single process's batch, and
-`BatchRNG` draws each example's noise level, noise and CFG drop from its global position. The runs
-are launched as scripts in subprocesses with a timeout, so a hang fails the test instead of blocking.
+`BatchRNG` draws each example's noise level, noise and CFG drop from its global position. Each
+multi-process run is a script in a subprocess with a timeout, so a hang fails the test instead of
+blocking; its DDP ranks are forked by Lightning (``ddp_fork``: the same `DDPStrategy` as ``ddp``), its
+FSDP ranks started by Lightning's script launcher (as ``ddp`` on one node). The reference single-process
+run runs in the test process.
 
-The runs train with SGD (with momentum): its update is linear in the gradient, so weights agree to float rounding.
-Adam divides each gradient by its own magnitude, which turns the rounding noise of gradients that are
-zero in exact arithmetic (e.g. of a bias followed by a GroupNorm of one channel per group) into full
-``lr``-sized steps of random sign: any two runs that add the same numbers in another order differ.
+The runs train with SGD (with momentum): its update is linear in the gradient, so weights agree to float
+rounding. Adam divides each gradient by its own magnitude, which turns the rounding noise of gradients
+that are zero in exact arithmetic (e.g. of a bias followed by a GroupNorm of one channel per group) into
+full ``lr``-sized steps of random sign: any two runs that add the same numbers in another order differ.
 """
 
 from __future__ import annotations
@@ -144,8 +147,8 @@ def test_fsdp_resumes_a_ddp_checkpoint_shards_blocks_and_saves_a_full_checkpoint
     root, _, ddp = runs
     ckpt = next((root / "two").rglob("*step=2.ckpt"))
     net = {**TINY_XUNET, "gradient_checkpointing": True}
-    args = fit_args(toy_root, root / "fsdp", 2, "--trainer.strategy", json.dumps({"class_path": "genvs.core.distributed.NVSFSDPStrategy"}),
-                    "--ckpt_path", str(ckpt), network=net)
+    strategy = json.dumps({"class_path": "genvs.core.distributed.NVSFSDPStrategy"})
+    args = fit_args(toy_root, root / "fsdp", 2, "--trainer.strategy", strategy, "--ckpt_path", str(ckpt), network=net)
     fsdp = launch(root / "rec4", args)
     start = torch.load(root / "rec4" / "rank0_start.pt", weights_only=True)  # gathered from both shards
     for k, v in checkpoint(root / "two", 2)["state_dict"].items():
