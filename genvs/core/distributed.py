@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 __all__ = ["BatchRNG", "as_batch_rng", "clean_param_name", "ShardedEMA", "NVSFSDPStrategy", "fsdp_wrapped_types"]
@@ -357,13 +358,7 @@ def fsdp_wrapped_types(module: nn.Module) -> set[type[nn.Module]]:
     return types
 
 
-def _fsdp_strategy_base():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy
-
-
-class NVSFSDPStrategy(_fsdp_strategy_base()):
+class NVSFSDPStrategy(FSDPStrategy):
     """Lightning's `FSDPStrategy` for genvs models (same arguments; see Lightning's documentation).
 
     - ``auto_wrap_policy`` defaults to the model's FSDP units (`BaseNVSModel.fsdp_wrap_modules`: the
