@@ -234,6 +234,7 @@ class EMA(nn.Module):
             if p.requires_grad:
                 self.register_buffer(self._key(n), p.detach().clone().float())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._host_updates: int | None = 0  # host mirror of num_updates: reading the buffer would sync
 
     @staticmethod
     def _key(name: str) -> str:
@@ -247,16 +248,29 @@ class EMA(nn.Module):
         return [params[n] for n in self.names]
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        if self._host_updates is None:  # once after loading a state dict (or an outside change of the buffer)
+            self._host_updates = int(self.num_updates)
+        n = self._host_updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        """One EMA step; no host-device synchronisation (the update count is mirrored on the host)."""
         decay = self.current_decay()
         params = [p.detach().float() for p in self._params(module)]
         if params:
             torch._foreach_lerp_(self.shadow(), params, 1.0 - decay)
         self.num_updates += 1
+        self._host_updates += 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None  # re-read num_updates at the next update
+
+    def reset_count(self) -> None:
+        """Set the update count to zero (the decay warms up again)."""
+        self.num_updates.zero_()
+        self._host_updates = 0
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from typing import IO, Any, Iterator, Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -41,6 +42,7 @@ from torch import Tensor
 from genvs.callbacks import CheckpointError, check_checkpoint, load_checkpoint
 from genvs.core.config import build, to_spec
 from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.distributed import BatchRNG, ShardedEMA, clean_param_name, fsdp_wrapped_types
 from genvs.core.registry import method_name
 from genvs.core.samplers import Sampler, sampling_progress
 from genvs.core.views import Views
@@ -93,6 +95,7 @@ class OptimConfig:
         lr: peak learning rate.
         betas: Adam-family betas.
         weight_decay: weight decay.
+        momentum: momentum of optimizers that have one (``SGD``, ``RMSprop``).
         warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
         schedule: ``constant`` after warmup, or ``cosine`` decay to 0 at ``total_steps``
             (default: the trainer's estimated number of steps).
@@ -103,6 +106,7 @@ class OptimConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    momentum: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     total_steps: int | None = None
@@ -165,7 +169,11 @@ class BaseNVSModel(L.LightningModule):
         self.num_log_images = num_log_images
         self.evaluation = EvalConfig()  # a run setting (genvs --evaluation.*), not a hyperparameter
         self.run_config: dict[str, Any] | None = None  # the whole resolved `genvs` config (set by the CLI)
-        self.ema: EMA | None = None
+        self.ema: EMA | ShardedEMA | None = None
+        self.batch_rng = BatchRNG()  # per-example randomness of the training step (seeded per step in training)
+        self._full_shapes: dict[str, torch.Size] | None = None  # parameter shapes before FSDP sharding
+        self._stashed_ema: dict[str, Tensor] | None = None  # an EMA built before FSDP wrapped the model
+        self._loss_checks: list[tuple[Tensor, Any, int, str]] = []  # deferred non-finite loss checks
         self._evaluator: Evaluator | None = None
         self.last_results: dict[str, Path] | None = None
 
@@ -201,11 +209,80 @@ class BaseNVSModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------- lifecycle
     def configure_model(self) -> None:
-        """Create the EMA once the subclass has built ``self.denoiser`` (Lightning calls this hook)."""
+        """Create the EMA once the subclass has built ``self.denoiser`` (Lightning calls this hook).
+
+        Under FSDP this hook runs before the model is wrapped and sharded: the EMA is built afterwards,
+        over the shards (`setup_sharded_ema`, called by `genvs.core.distributed.NVSFSDPStrategy`).
+        """
+        if self._under_fsdp():
+            from genvs.core.distributed import NVSFSDPStrategy
+
+            # FSDP flattens each weight in *memory* order but reshards optimizer states (and genvs' EMA)
+            # in logical order: channels_last conv weights would come back scrambled. Keep weights contiguous
+            # (the networks still pass channels_last activations).
+            for p in self.denoiser.parameters():
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
+
+            if self._full_shapes is None:
+                self._full_shapes = {clean_param_name(n): p.shape for n, p in self.denoiser.named_parameters()}
+            if isinstance(self.ema, EMA):  # e.g. loaded with the weights: keep its values for the sharded EMA
+                self._stashed_ema = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
+                self.ema = None
+            if (self.ema_decay > 0 or self._stashed_ema is not None) and not isinstance(self.trainer.strategy, NVSFSDPStrategy):
+                raise ValueError(
+                    f"{type(self.trainer.strategy).__name__} shards the weights but not genvs' EMA: use "
+                    "trainer.strategy: genvs.core.distributed.NVSFSDPStrategy (same arguments as Lightning's "
+                    "FSDPStrategy; it shards the EMA with the weights), or set model.ema_decay: 0"
+                )
+            return
         if self.channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
         if self.ema is None and self.ema_decay > 0:
             self.ema = EMA(self.denoiser, decay=self.ema_decay)
+
+    def _under_fsdp(self) -> bool:
+        if self._trainer is None:
+            return False
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(self._trainer.strategy, FSDPStrategy)
+
+    def fsdp_wrap_modules(self) -> set[type[nn.Module]]:
+        """The module classes FSDP wraps as units (each gathers its weights only while it runs): by default
+        the ``fsdp_block_types`` that the networks in ``self.denoiser`` declare (residual/attention blocks)."""
+        return fsdp_wrapped_types(self.denoiser)
+
+    def setup_sharded_ema(self) -> None:
+        """Build the EMA over this process's weight shards once FSDP has wrapped the model (a collective)."""
+        if self.ema_decay <= 0 and self._stashed_ema is None:
+            return
+        if self._full_shapes is None:
+            raise RuntimeError("setup_sharded_ema: configure_model did not run before FSDP wrapped the model")
+        self.ema = ShardedEMA(self.denoiser, self._full_shapes, decay=self.ema_decay or 0.9999)
+        if self._stashed_ema is not None:
+            self.ema.load_state_dict(self._stashed_ema, strict=False)
+            self._stashed_ema = None
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Buffers DDP must not broadcast from rank 0 before every forward: the EMA weights (as large as
+        the model) are updated identically on every process and need no communication."""
+        if not isinstance(self.ema, EMA):
+            return []
+        return [f"ema.{name}" for name, _ in self.ema.named_buffers()]
+
+    def on_fit_start(self) -> None:
+        # DDP does not synchronise the EMA (above): make every process start from rank 0's copy once
+        if isinstance(self.ema, EMA) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from genvs.core.distributed import _collective_device
+
+            device = _collective_device()
+            for buf in self.ema.buffers():
+                tmp = buf.to(device)
+                dist.broadcast(tmp, src=0)
+                buf.copy_(tmp)
+            self.ema._host_updates = None
 
     def setup_ema(self) -> None:
         """Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
@@ -242,7 +319,14 @@ class BaseNVSModel(L.LightningModule):
         saved = checkpoint.get("genvs") or {}
         self._skipped_steps = int(saved.get("skipped_steps", 0))
         self._consecutive_skips = int(saved.get("consecutive_skips", 0))
-        state = checkpoint.get("state_dict", {})
+        if isinstance(self.ema, ShardedEMA):  # FSDP loaded the weights and the EMA before this hook
+            if self.ema._init_pending:  # no EMA saved yet: start it from the loaded weights
+                self.ema.init_from_params()
+                self.ema._init_pending = False
+            return
+        if "state_dict" not in checkpoint:
+            return
+        state = checkpoint["state_dict"]
         has_ema = any(k.startswith("ema.") for k in state)
         if self.ema is None and has_ema:  # a checkpoint with EMA loads into a model built without it
             self.ema = EMA(self.denoiser, decay=self.ema_decay or 0.9999)
@@ -273,6 +357,10 @@ class BaseNVSModel(L.LightningModule):
         kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
         if "betas" in cls.__init__.__code__.co_varnames:
             kwargs["betas"] = tuple(cfg.betas)
+        if "momentum" in cls.__init__.__code__.co_varnames:
+            kwargs["momentum"] = cfg.momentum
+        elif cfg.momentum:
+            raise ValueError(f"optim.momentum={cfg.momentum}: {cfg.name} has no momentum")
         opt = cls(params, **kwargs)
         total = cfg.total_steps
         if cfg.schedule == "cosine" and total is None:
@@ -292,12 +380,25 @@ class BaseNVSModel(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: Views, batch_idx: int) -> Tensor:
+        """The loss of `training_loss`, logged, with the non-finite-loss policy (``nonfinite_loss``).
+
+        ``error`` mode adds no host-device synchronisation: the loss is summed over processes on the device
+        (non-finite if any process's is), copied to the host asynchronously and checked at the start of the
+        next step, before a checkpoint is written and at the end of training (`check_nonfinite_loss`); the
+        error names the step and its scenes, and no checkpoint holds the weights that step produced. ``skip``
+        mode must decide before the backward pass, so it synchronises once per step; the decision is
+        collective, so every process skips together (`_nonfinite_reports`).
+        """
+        self.check_nonfinite_loss()
         losses = self.training_loss(batch)
         loss = losses["loss"]
-        reports = self._nonfinite_reports(loss, batch)
-        if reports:
-            return self._nonfinite_step(reports, batch)
-        self._consecutive_skips = 0
+        if self.nonfinite_loss == "skip":
+            reports = self._nonfinite_reports(loss, batch)
+            if reports:
+                return self._nonfinite_step(reports, batch)
+            self._consecutive_skips = 0
+        else:
+            self._defer_loss_check(self._global_sum(loss.detach().float()), loss.detach().float(), self._scenes(batch))
         self.log_dict(
             {f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=batch.B, on_step=True
         )
@@ -334,10 +435,6 @@ class BaseNVSModel(L.LightningModule):
     def _nonfinite_step(self, reports: list[str], batch: Views) -> Tensor:
         """Apply the ``nonfinite_loss`` policy (the same on every rank: ``reports`` are gathered from all)."""
         msg = f"non-finite training loss at step {self.global_step}: " + "; ".join(reports)
-        if self.nonfinite_loss == "error":
-            raise NonFiniteLossError(
-                msg + ". Set model.init_args.nonfinite_loss: skip to skip such steps, or check these scenes' data"
-            )
         self._skipped_steps += 1
         self._consecutive_skips += 1
         if self.max_skipped is not None and self._consecutive_skips > self.max_skipped:
@@ -353,29 +450,84 @@ class BaseNVSModel(L.LightningModule):
         # all-reduce on every rank (returning None would desynchronise them); optimizer_step then drops it
         return sum(p.sum().float() for p in self.parameters() if p.requires_grad) * 0.0
 
+    @staticmethod
+    def _scenes(batch: Views) -> str:
+        return ", ".join(batch.scene) or "(unknown scenes)"
+
+    def _global_sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the data-parallel processes (an asynchronous collective; ``x`` as is alone)."""
+        if self._trainer is None or self.trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return x
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    def _defer_loss_check(self, total: Tensor, local: Tensor, scenes: str) -> None:
+        both = torch.stack([total, local])
+        if both.device.type == "cuda":
+            host = torch.empty(2, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = both, None
+        self._loss_checks.append((host, event, self.global_step, scenes))
+
+    def check_nonfinite_loss(self) -> None:
+        """Raise `NonFiniteLossError` if a checked training loss (``nonfinite_loss='error'``) was not finite."""
+        checks, self._loss_checks = self._loss_checks, []
+        for host, event, step, scenes in checks:
+            if event is not None:
+                event.synchronize()  # the loss's step is long computed by now: returns at once
+            total, local = host.tolist()
+            if not math.isfinite(total):
+                where = "" if math.isfinite(local) == math.isfinite(total) else " (another process's loss was non-finite)"
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {step}: loss {local} on scenes {scenes}{where}. Set "
+                    "model.init_args.nonfinite_loss: skip to skip such steps, or check these scenes' data"
+                )
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Reseed every training batch from ``(seed, batches so far, rank)``.
+        """Reseed every training batch from ``(seed, batches so far)`` (and the rank, for the global RNG).
 
         The randomness of a step (noise levels, noise, CFG dropout, dropout) is then a function of the
         step alone, so a run resumed from a checkpoint continues exactly like the uninterrupted run,
         whatever consumed random numbers in between (data-loader start-up, validation, a restart).
+
+        Per-example draws go through ``self.batch_rng`` (`genvs.core.distributed.BatchRNG`), seeded from
+        ``(seed, batches so far)`` alone: they depend on an example's position in the global batch, so
+        ``W`` processes with batch ``B`` train exactly like one process with batch ``W * B``. Torch's global
+        RNG (dropout and anything else drawn from it) is seeded with the rank too, so processes differ.
         """
         loop = self.trainer.fit_loop.epoch_loop
-        seed = hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), loop.batch_progress.total.ready, self.global_rank))
-        seed &= 0x7FFF_FFFF
+        base, step = int(os.environ.get("PL_GLOBAL_SEED", 0)), loop.batch_progress.total.ready
+        seed = hash((base, step, self.global_rank)) & 0x7FFF_FFFF
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
+        shared = hash((base, step, -1)) & 0x7FFF_FFFF  # -1: no rank
+        self.batch_rng = BatchRNG(shared, rank=self.global_rank, world_size=self.trainer.world_size)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_rng = BatchRNG()
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite_loss()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import genvs
 
+        self.check_nonfinite_loss()  # never write the weights of a non-finite step
         checkpoint["genvs"] = {
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "version": genvs.__version__,
             "skipped_steps": self._skipped_steps,
             "consecutive_skips": self._consecutive_skips,
         }
+        if isinstance(self.ema, ShardedEMA):  # FSDP: the full EMA, under the keys of an unsharded run
+            full = self.ema.gather()
+            if full is not None:
+                checkpoint.setdefault("state_dict", {}).update({f"ema.{k}": v for k, v in full.items()})
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the EMA update; both are left out when the step's loss was non-finite.

@@ -1,8 +1,9 @@
 """`NVSDataModule`: n context + n target views per scene, for every method and dataset.
 
 Subclasses only say where scenes come from (`NVSDataModule.scene_source`). Batches are `Views` with
-``num_context`` set. Under DDP, Lightning shards the training set with a `DistributedSampler`; the
-evaluation loaders shard without repeating scenes, so every scene is scored exactly once.
+``num_context`` set. Under DDP the training set is sharded by `EpochSampler`; test and predict loaders
+shard without repeating scenes, so every scene is scored exactly once (`unrepeated_sampler`); validation
+uses Lightning's padded sampler.
 """
 
 from __future__ import annotations
@@ -21,18 +22,26 @@ from genvs.data.srn import SRNScenes
 from genvs.data.toy import ToyConfig, ensure_toy_dataset
 from genvs.data.views_dataset import EvalProtocol, MultiViewDataset, SceneSource
 
-__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate"]
+__all__ = ["NVSDataModule", "SRNDataModule", "ToyDataModule", "EpochSampler", "OrbitTargets", "collate", "unrepeated_sampler"]
 
 
 class EpochSampler(DistributedSampler):
     """Training order: a permutation that is a pure function of ``(seed, epoch)``, sharded over DDP ranks,
     that can start part-way through an epoch. Lightning keeps it as is under DDP (it is a
     `DistributedSampler`) and calls `set_epoch`; the epoch is forwarded to the dataset so per-example
-    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume)."""
+    randomness is reproducible too. ``start`` skips this rank's first samples once (mid-epoch resume).
 
-    def __init__(self, dataset: Dataset, seed: int = 0, drop_last: bool = True):
-        single = {} if dist.is_available() and dist.is_initialized() else {"num_replicas": 1, "rank": 0}
-        super().__init__(dataset, shuffle=True, seed=seed, drop_last=drop_last, **single)
+    Rank ``r`` of ``W`` takes the examples ``r, r + W, r + 2W, ...`` of the permutation, so its ``j``-th
+    batch of ``b`` together with the other ranks' ``j``-th batches is exactly the ``j``-th batch of ``W * b``
+    that one process would draw, interleaved (`genvs.core.distributed.BatchRNG` relies on this order).
+    ``num_replicas``/``rank`` default to the process group's (one replica without one)."""
+
+    def __init__(
+        self, dataset: Dataset, seed: int = 0, drop_last: bool = True, num_replicas: int | None = None, rank: int | None = None
+    ):
+        if num_replicas is None and not (dist.is_available() and dist.is_initialized()):
+            num_replicas, rank = 1, 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -123,10 +132,12 @@ class NVSDataModule(L.LightningDataModule):
 
     def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self.dataset(stage)
+        sampler = unrepeated_sampler(dataset) if stage == "test" else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
         )
@@ -146,7 +157,7 @@ class NVSDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=len(dataset) >= self.batch_size,  # tiny datasets still give one batch
+            drop_last=len(sampler) >= self.batch_size,  # tiny datasets (per process) still give one batch
             num_workers=self.num_workers,
             persistent_workers=False,  # workers restart each epoch and see the new epoch's seed
             collate_fn=collate,
@@ -157,6 +168,9 @@ class NVSDataModule(L.LightningDataModule):
         """Training batches of the current epoch that a restored checkpoint already consumed."""
         loop = trainer.fit_loop
         if not loop.restarting:
+            return 0
+        if loop.epoch_loop.batch_progress.is_last_batch:
+            # written after the epoch's last batch: Lightning goes on with the next epoch, from its start
             return 0
         # `ready` counts the batches of this epoch that had started when the checkpoint was written; a
         # checkpoint written in on_train_batch_end already contains that batch's update
@@ -170,6 +184,27 @@ class NVSDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.eval_batch_size, shuffle=False)
+
+
+def unrepeated_sampler(dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> DistributedSampler | None:
+    """Under DDP, each test scene on exactly one process (``None`` on one process, or with fewer scenes than
+    processes): rank ``r`` takes scenes ``r, r + W, ...``, so ranks may get one batch more than others.
+
+    Lightning's own sampler pads the last batches by repeating scenes, which would score them twice.
+    Testing is safe with uneven ranks (no collective runs per batch; `genvs.eval.Evaluator` reduces once at
+    the end). Validation during ``fit`` runs through the DDP wrapper, which may synchronise buffers on every
+    forward, so validation keeps Lightning's padded sampler (its monitoring scores may count a few scenes
+    twice).
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    if num_replicas is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        num_replicas, rank = dist.get_world_size(), dist.get_rank()
+    if num_replicas <= 1 or len(dataset) < num_replicas:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
 
 def collate(items: list) -> Views | tuple[Views, Views]:

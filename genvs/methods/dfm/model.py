@@ -152,6 +152,7 @@ class DFM(BaseNVSModel):
 
     # --------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.lpips()  # fail before the first step when LPIPS weights are missing
         if self.init_from and self.trainer.ckpt_path is None:  # a fresh run, not a resume
             self.load_initial_weights(self.init_from)
@@ -184,7 +185,7 @@ class DFM(BaseNVSModel):
             for name in self.ema.names:
                 src = state.get(f"ema.{EMA._key(name)}") if src_stage != "pixelnerf" else None
                 getattr(self.ema, EMA._key(name)).copy_(src if src is not None else params[name].detach().float())
-            self.ema.num_updates.zero_()
+            self.ema.reset_count()
         print(f"genvs: DFM initialised from {path} ({src_stage} stage)")
 
     def context_subset(self, views: Views) -> Views:
@@ -192,7 +193,7 @@ class DFM(BaseNVSModel):
         nc = views.num_context
         if not self.random_num_context or nc <= 1:
             return views
-        n = int(torch.randint(1, nc + 1, ()))
+        n = self.batch_rng.step_randint(1, nc + 1)  # the same on every process (host value, no device sync)
         if n == nc:
             return views
         return views.select(list(range(n)) + list(range(nc, views.V)), num_context=n)
@@ -205,11 +206,14 @@ class DFM(BaseNVSModel):
             )
         views = self.context_subset(views)
         if self.stage == "pixelnerf":
-            return pixelnerf_losses(self.denoiser, views, self.lpips(), self.patch_size, self.lpips_weight)
+            return pixelnerf_losses(
+                self.denoiser, views, self.lpips(), self.patch_size, self.lpips_weight, generator=self.batch_rng
+            )
         return dfm_training_losses(
             self.denoiser, self.noise_schedule, views, lpips=self.lpips(), patch_size=self.patch_size,
             p_uncond=self.p_uncond, lpips_weight=self.lpips_weight, cond_weight=self.cond_weight,
             distortion_weight=self.distortion_weight, smoothness_weight=self.smoothness_weight,
+            generator=self.batch_rng,
         )
 
     # --------------------------------------------------------------------------------- sampling

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from genvs.core.config import Configurable
 from genvs.core.diffusion import NoiseSchedule, diffusion_loss, dynamic_threshold, q_sample
+from genvs.core.distributed import BatchRNG, as_batch_rng
 from genvs.core.samplers import Sampler, cfg_combine
 from genvs.core.views import Views
 from genvs.methods.dfm.pixelnerf import PixelNeRFField, Scene, build_encoder
@@ -279,7 +280,7 @@ def dfm_training_losses(
     cond_weight: float = 1.0,
     distortion_weight: float = 0.0,
     smoothness_weight: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: BatchRNG | torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """DFM's loss terms on a `Views` batch (``num_context >= 1`` context views, then ``M >= 1`` targets).
 
@@ -296,6 +297,9 @@ def dfm_training_losses(
     lpips_weight * lpips + cond_weight * cond_mse + distortion_weight * distortion + smoothness_weight *
     smoothness`` is the one to backpropagate (official: LPIPS 1 on RealEstate10K, 0.2 in the CO3D training
     command; cond 1); the other terms are detached, for logging.
+
+    ``generator``: a `BatchRNG` (the LightningModule's ``batch_rng``: draws independent of the process
+    layout), a generator, or ``None`` (torch's global RNG).
     """
     if views.num_context < 1 or views.V - views.num_context < 1 or views.images is None:
         raise ValueError(f"DFM training needs >= 1 context and >= 1 target view with images, got {views!r}")
@@ -304,16 +308,17 @@ def dfm_training_losses(
     H, W = trg.H, trg.W
     device = views.device
     x0 = trg.images[:, 0]
-    t = schedule.sample_t(B, device=device, generator=generator)
+    rng = as_batch_rng(generator)
+    t = rng.draw(lambda n, g: schedule.sample_t(n, device=device, generator=g), B, device)
     logsnr = schedule.logsnr(t)
-    eps = torch.randn(x0.shape, generator=generator, device=device) if generator is not None else torch.randn_like(x0)
+    eps = rng.randn_like(x0)
     z = q_sample(x0, logsnr, eps)
     keep = torch.ones(B, device=device)
     if p_uncond > 0:
-        u = torch.rand(B, generator=generator, device=device) if generator is not None else torch.rand(B, device=device)
+        u = rng.rand(B, device=device)
         keep = (u >= p_uncond).float()
     ctx_images = ctx.images * keep.view(B, 1, 1, 1, 1).to(ctx.images.dtype)
-    uv, idx = random_patches(B, M, H, W, patch_size, generator, device)
+    uv, idx = rng.draw(lambda n, g: random_patches(n, M, H, W, patch_size, g, device), B, "cpu")
     out = denoiser(ctx_images, ctx.K, ctx.c2w, z, t, trg.K[:, 0], trg.c2w[:, 0], trg.K, trg.c2w, render_uv=uv)
     pred = out.render.rgb  # [B, M, R, 3]
     gt = _gather_pixels(trg.images, idx)  # [B, M, R, 3]
@@ -342,7 +347,7 @@ def pixelnerf_losses(
     lpips: nn.Module | None = None,
     patch_size: int = 24,
     lpips_weight: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: BatchRNG | torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Stage 1 of DFM's training: a deterministic pixelNeRF (encoder + context-only field) that renders every
     target view from the context alone, on one random patch per scene, with the joint renderer's samples.
@@ -355,7 +360,8 @@ def pixelnerf_losses(
     ctx, trg = views.context, views.targets
     B, M, H, W = trg.B, trg.V, trg.H, trg.W
     scene = denoiser.encode_context(ctx.images, ctx.K, ctx.c2w)
-    uv, idx = random_patches(B, M, H, W, patch_size, generator, views.device)
+    rng = as_batch_rng(generator)
+    uv, idx = rng.draw(lambda n, g: random_patches(n, M, H, W, patch_size, g, views.device), B, "cpu")
     out = denoiser.renderer.render_pixels(lambda p: denoiser.cond_field(scene, p), trg.K, trg.c2w, uv)
     gt = _gather_pixels(trg.images, idx)
     mse = (out.rgb.float() - gt.float()).pow(2).mean()

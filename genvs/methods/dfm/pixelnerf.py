@@ -207,7 +207,11 @@ class DiTEncoder(nn.Module):
     camera-to-world matrix (12 numbers) are harmonically embedded (6 frequencies: 156 values), mapped by an
     MLP to the hidden size and fused with the time embedding by a second MLP; the result conditions every
     block in place of the time embedding alone.
+
+    Under FSDP (`genvs.core.distributed.NVSFSDPStrategy`) each DiT block is a unit.
     """
+
+    fsdp_block_types = (DiTBlock,)
 
     def __init__(
         self,

@@ -142,14 +142,15 @@ def neighborhood_offsets(kernel_size: int, device=None) -> Tensor:
 def _per_view_neighbors(neighbors: Tensor | None, B: int, V: int, device) -> Tensor:
     if neighbors is None:
         neighbors = ring_neighbors(V, device=device)
-    neighbors = torch.as_tensor(neighbors, device=device, dtype=torch.long)
+    neighbors = torch.as_tensor(neighbors, dtype=torch.long)
     if neighbors.ndim == 2:
         neighbors = neighbors.expand(B, -1, -1)
     if neighbors.shape[:2] != (B, V) or neighbors.ndim != 3:
         raise ValueError(f"neighbors must be [V, J] or [B, V, J] with V={V}, got {list(neighbors.shape)}")
-    if (neighbors == torch.arange(V, device=device)[None, :, None]).any():
+    # checked where it is free (on the host): a device check would synchronise every training step
+    if neighbors.device.type == "cpu" and (neighbors == torch.arange(V)[None, :, None]).any():
         raise ValueError("neighbors lists a view as its own neighbour; CAA reads keys from *other* views")
-    return neighbors
+    return neighbors.to(device)
 
 
 def _gather_views(x: Tensor, idx: Tensor) -> Tensor:

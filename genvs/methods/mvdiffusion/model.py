@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from genvs.core.config import spec
+from genvs.core.distributed import BatchRNG
 from genvs.core.geometry import perspective_to_equirect
 from genvs.core.model import BaseNVSModel, OptimConfig
 from genvs.core.samplers import DDIMScheduler, Sampler, sampling_progress
@@ -82,6 +83,12 @@ ADAPTER_FILE = "mvdiffusion_caa.safetensors"
 FROZEN_PREFIXES = ("denoiser.unet.", "vae.", "prompt_encoder.")
 
 
+def _ring_signature(K: Tensor, c2w: Tensor) -> Tensor:
+    """``[B, 18]``: intrinsics and rotations relative to the first view (what the homographies depend on)."""
+    rel = c2w[:, :1, :3, :3].transpose(-1, -2) @ c2w[..., :3, :3]
+    return torch.cat([K.flatten(1), rel.flatten(1)], 1).float()
+
+
 class MVDiffusion(BaseNVSModel):
     """MVDiffusion: frozen SD + correspondence-aware attention (see the module docstring).
 
@@ -100,6 +107,8 @@ class MVDiffusion(BaseNVSModel):
         kernel_size: ``k`` of the ``k x k`` keys around each correspondence (default 3 panorama, 1 depth).
         pe_octaves: octave range of the keys' positional encoding (default: `CAAAdapter`'s).
         caa_checkpoint: activation checkpointing of the CAA blocks.
+        unet_checkpoint: activation checkpointing of the frozen SD UNet's blocks (less memory for large
+            view counts or resolutions; same loss and gradients, about a third more compute).
         overlap_threshold: depth task: view pairs with less symmetric overlap do not attend to each other.
         keyframe_stride: depth sampling: every ``keyframe_stride``-th view (and the last) is a key frame;
             ``None`` chooses key frames from the geometry with ``keyframe_overlap``.
@@ -126,6 +135,7 @@ class MVDiffusion(BaseNVSModel):
         kernel_size: int | None = None,
         pe_octaves: tuple[float, float] | None = None,
         caa_checkpoint: bool = True,
+        unet_checkpoint: bool = False,
         overlap_threshold: float = 0.3,
         keyframe_stride: int | None = None,
         keyframe_overlap: float = 0.6,
@@ -174,11 +184,13 @@ class MVDiffusion(BaseNVSModel):
             condition_channels=5 if task == "depth" else 0,
             checkpoint=caa_checkpoint,
             pe_octaves=pe_octaves,
+            gradient_checkpointing=unet_checkpoint,
         )
         if adapter_path is not None:
             load_adapter(self.denoiser.adapter, adapter_path)
         self.vae_factor = vae_scale_factor(self.vae)
         self._corr_cache: tuple[Any, Correspondences] | None = None
+        self._host_cameras: tuple[Tensor, Tensor] | None = None
         self._warned_no_prompts = False
 
     @staticmethod
@@ -270,7 +282,7 @@ class MVDiffusion(BaseNVSModel):
         """``[L, D]`` the empty prompt's embedding (the unconditional branch of classifier-free guidance)."""
         return self.prompt_encoder([""])[0].to(self.device)
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool | None = None) -> Tensor:
+    def encode(self, images: Tensor, generator: BatchRNG | torch.Generator | None = None, sample: bool | None = None) -> Tensor:
         return encode_images(self.vae, images, generator, self.vae_sample if sample is None else sample)
 
     def correspondences(
@@ -287,8 +299,12 @@ class MVDiffusion(BaseNVSModel):
             )
         # homographies depend only on intrinsics and relative rotations: one computation serves a batch
         # of identical rings, and the cache serves every later batch with the same ring
-        rel = c2w[:, :1, :3, :3].transpose(-1, -2) @ c2w[..., :3, :3]
-        sig = torch.cat([K.flatten(1), rel.flatten(1)], 1).float()
+        host = self._host_cameras  # the batch's cameras before they moved to the device: no device read
+        self._host_cameras = None
+        if host is not None and K.device.type != "cpu" and host[0].shape == K.shape and host[1].shape == c2w.shape:
+            sig = _ring_signature(*host)
+        else:
+            sig = _ring_signature(K, c2w)
         shared = bool((sig - sig[:1]).abs().max() < 1e-4)
         if shared:
             key = (tuple(sizes), tuple(image_size), str(K.device), torch.round(sig[0] * 1e4).cpu().numpy().tobytes())
@@ -302,13 +318,20 @@ class MVDiffusion(BaseNVSModel):
             self._corr_cache = (key, corr)
         return corr
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        views = batch[0] if isinstance(batch, tuple) else batch
+        if isinstance(views, Views) and self.task != "depth":  # see `correspondences`
+            self._host_cameras = (views.K, views.c2w)
+        return batch
+
     # -------------------------------------------------------------------------------- training
     def training_loss(self, views: Views) -> dict[str, Tensor]:
         if views.images is None:
             raise ValueError("MVDiffusion.training_loss needs views with images")
         B, V, H, W = views.B, views.V, views.H, views.W
         nc = views.num_context
-        latents = self.encode(views.images)
+        rng = self.batch_rng  # per-example draws, independent of the process layout
+        latents = self.encode(views.images, generator=rng)
         text = self.encode_prompts(views.prompts, B, V)
         corr = self.correspondences(views.K, views.c2w, (H, W), views.depth)
         extra = condition = None
@@ -321,7 +344,7 @@ class MVDiffusion(BaseNVSModel):
         if self.task == "image_panorama":
             if nc < 1:
                 raise ValueError("task 'image_panorama' needs the given view first: set data num_context: 1")
-            masked = self.encode(views.images * given[..., None, None, None].to(views.images.dtype))
+            masked = self.encode(views.images * given[..., None, None, None].to(views.images.dtype), generator=rng)
             extra = inpaint_channels(masked, given)
         elif self.task == "depth":
             if views.depth is None:
@@ -329,7 +352,9 @@ class MVDiffusion(BaseNVSModel):
             extra = depth_channel(views.depth, latents.shape[-2:])
             if nc:  # interpolation batch: the first views are key frames whose latents condition the others
                 condition = keyframe_condition(latents, given)
-        loss = training_loss(self.denoiser, self.noise_schedule, latents, text, corr, extra, condition, self.prediction)
+        loss = training_loss(
+            self.denoiser, self.noise_schedule, latents, text, corr, extra, condition, self.prediction, generator=rng
+        )
         return {"loss": loss.mean()}
 
     # --------------------------------------------------------------------------------- sampling

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from genvs.core.distributed import BatchRNG
 
 __all__ = [
     "SD_WEIGHTS_HELP",
@@ -275,12 +278,18 @@ def vae_scale_factor(vae: nn.Module) -> int:
 
 @torch.no_grad()
 def encode_images(
-    vae: nn.Module, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    vae: nn.Module, images: Tensor, generator: BatchRNG | torch.Generator | None = None, sample: bool = True
 ) -> Tensor:
-    """``[B, V, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, V, 4, H/f, W/f]`` (no gradients)."""
+    """``[B, V, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, V, 4, H/f, W/f]`` (no gradients). With a
+    `genvs.core.distributed.BatchRNG` the posterior sample of each scene's views is drawn per example."""
+    from genvs.core.distributed import BatchRNG
+
     B, V = images.shape[:2]
     dist = vae.encode(images.flatten(0, 1).to(vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mode()
+    if sample and isinstance(generator, BatchRNG):
+        z = dist.mean + dist.std * generator.grouped(V).randn_like(dist.mean)
+    else:
+        z = dist.sample(generator) if sample else dist.mode()
     return (z * vae.config.scaling_factor).unflatten(0, (B, V))
 
 

@@ -90,11 +90,12 @@ class ThreeDiM(BaseNVSModel):
         pair = views.select([0, views.num_context])  # conditioning frame, target frame
         x, x0 = pair.images[:, 0], pair.images[:, 1]
         rays = self.rays(pair.K, pair.c2w, H, W)  # [B, 2, H, W, D]
-        t = self.noise_schedule.sample_t(B, device=self.device)
+        rng = self.batch_rng  # per-example draws: the same for an example whatever the process layout
+        t = rng.draw(lambda n, g: self.noise_schedule.sample_t(n, device=x0.device, generator=g), B, x0.device)
         logsnr = self.noise_schedule.logsnr(t)
-        eps = torch.randn_like(x0)
+        eps = rng.randn_like(x0)
         z = q_sample(x0, logsnr, eps)
-        cond_mask = torch.rand(B, device=self.device) >= self.p_uncond
+        cond_mask = rng.rand(B, device=x0.device) >= self.p_uncond
         pred = self.denoise(x, z, logsnr, rays, cond_mask)
         loss = diffusion_loss(pred, x0, eps, logsnr, self.prediction).mean()
         return {"loss": loss}

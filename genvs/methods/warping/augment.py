@@ -27,6 +27,7 @@ from torch import Tensor
 
 from genvs.core.cameras import intrinsics_from_fov, orbit_camera
 from genvs.core.config import Configurable
+from genvs.core.distributed import BatchRNG, as_batch_rng
 from genvs.core.geometry import forward_warp
 from genvs.methods.warping.depth import TRAIN_FAR, TRAIN_NEAR, denormalize_depth, normalize_depth
 from genvs.methods.warping.network import WarpCondition
@@ -107,18 +108,22 @@ def gaussian_blur3(x: Tensor, sigma: Tensor) -> Tensor:
     return F.conv2d(xp, k, groups=B * C).reshape(B, C, H, W).to(x.dtype)
 
 
-def erode_mask(mask: Tensor, size: Tensor | int) -> Tensor:
+def erode_mask(mask: Tensor, size: Tensor | int, max_size: int | None = None) -> Tensor:
     """Erode binary masks ``[B, 1, H, W]`` by squares of side ``size`` (odd; per image ``[B]`` allowed).
 
-    Pixels outside the image do not erode (OpenCV's default border for erosion).
+    Pixels outside the image do not erode (OpenCV's default border for erosion). ``max_size``: an upper
+    bound of the sizes, known on the host (the sizes are then trusted: no device value is read); without
+    it the sizes are validated and their maximum read (a host-device synchronisation on GPU).
     """
     B = mask.shape[0]
     size = torch.as_tensor(size, device=mask.device).expand(B)
-    if ((size < 1) | (size % 2 == 0)).any():
-        raise ValueError(f"erode_mask: sizes must be odd and positive, got {size.tolist()}")
+    if max_size is None:
+        if ((size < 1) | (size % 2 == 0)).any():
+            raise ValueError(f"erode_mask: sizes must be odd and positive, got {size.tolist()}")
+        max_size = int(size.max())
     out = mask.float()
     cur = out
-    for k in range(3, int(size.max()) + 1, 2):
+    for k in range(3, max_size + 1, 2):
         cur = -F.max_pool2d(-cur, 3, stride=1, padding=1)  # one more 3x3 erosion: a (k x k) square
         out = torch.where((size == k).view(B, 1, 1, 1), cur, out)
     return out
@@ -166,6 +171,8 @@ class TrainingPairs(Configurable):
         )
         self.fov_deg = fov_deg
         self.prewarp_noise, self.blur_prob, self.erode_sizes = prewarp_noise, blur_prob, tuple(erode_sizes)
+        if any(k < 1 or k % 2 == 0 for k in self.erode_sizes):
+            raise ValueError(f"TrainingPairs: erode_sizes must be odd and positive, got {list(self.erode_sizes)}")
         self.supersample, self.atol, self.rtol = supersample, atol, rtol
 
     @torch.no_grad()
@@ -175,7 +182,7 @@ class TrainingPairs(Configurable):
         depth: Tensor,
         K: Tensor | None = None,
         c2w: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: BatchRNG | torch.Generator | None = None,
         near: float = TRAIN_NEAR,
         far: float = TRAIN_FAR,
     ) -> WarpPair:
@@ -183,7 +190,9 @@ class TrainingPairs(Configurable):
 
         ``K [B, 3, 3]`` defaults to a ``fov_deg`` pinhole; ``c2w [B, 4, 4]`` (novel cameras relative to the
         image's) defaults to `random_orbit_cameras`; ``near``/``far`` are the depth normalisation (the
-        LightningModule passes its own, so that both models see one encoding).
+        LightningModule passes its own, so that both models see one encoding). ``generator``: a
+        `genvs.core.distributed.BatchRNG` (per-example draws independent of the process layout), a
+        generator, or ``None`` (torch's global RNG).
         """
         if images.ndim != 4 or images.shape[1] != 3 or depth.shape != (images.shape[0], 1, *images.shape[-2:]):
             raise ValueError(
@@ -191,12 +200,16 @@ class TrainingPairs(Configurable):
             )
         B, _, H, W = images.shape
         dev = images.device
-        g = dict(generator=generator, device=dev)
+        rng = as_batch_rng(generator)
         if K is None:
             K = intrinsics_from_fov(self.fov_deg, H, W).to(dev).expand(B, 3, 3)
         if c2w is None:
-            c2w = random_orbit_cameras(
-                B, self.yaw_std, self.pitch_std, self.radius_std, self.target_std, self.pivot, generator, dev
+            c2w = rng.draw(
+                lambda n, g: random_orbit_cameras(
+                    n, self.yaw_std, self.pitch_std, self.radius_std, self.target_std, self.pivot, g, dev
+                ),
+                B,
+                dev,
             )
         images = images.float()
         depth_n = normalize_depth(depth, near, far)  # [-1, 1]
@@ -205,8 +218,8 @@ class TrainingPairs(Configurable):
         # pre-warp noise on [0, 1]-scaled RGB and depth (std 0.005 u there, 0.01 u in [-1, 1])
         x = target
         if self.prewarp_noise > 0:
-            std = 2 * self.prewarp_noise * torch.rand(B, 1, 1, 1, **g)
-            x = x + torch.randn(x.shape, **g) * std
+            std = 2 * self.prewarp_noise * rng.rand(B, 1, 1, 1, device=dev)
+            x = x + rng.randn(*x.shape, device=dev) * std
         warp_rgb, warp_depth, mask = forward_backward_warp(
             x[:, :3],
             denormalize_depth(x[:, 3:], near, far),
@@ -219,13 +232,13 @@ class TrainingPairs(Configurable):
         cond_depth = normalize_depth(warp_depth, near, far) * mask
         rgb = warp_rgb
         if self.blur_prob > 0:
-            blur = torch.rand(B, **g) < self.blur_prob
-            sigma = torch.rand(B, **g) + 1e-3
+            blur = rng.rand(B, device=dev) < self.blur_prob
+            sigma = rng.rand(B, device=dev) + 1e-3
             rgb = torch.where(blur.view(B, 1, 1, 1), gaussian_blur3(images, sigma), warp_rgb)
         if self.erode_sizes:
             sizes = torch.tensor(self.erode_sizes, device=dev)
-            k = sizes[torch.randint(0, len(sizes), (B,), **g)]
-            mask_rgb = erode_mask(mask, k)
+            k = sizes[rng.randint(0, len(sizes), (B,), device=dev)]
+            mask_rgb = erode_mask(mask, k, max_size=max(self.erode_sizes))
         else:
             mask_rgb = mask
         cond = WarpCondition(rgb=rgb * mask_rgb, depth=cond_depth, mask_rgb=mask_rgb, mask=mask)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -266,6 +266,7 @@ class WarpingRGBD(BaseNVSModel):
             )
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self._maybe_load_pretrained(fitting=True)
 
     def on_validation_start(self) -> None:
@@ -291,17 +292,36 @@ class WarpingRGBD(BaseNVSModel):
 
     # -------------------------------------------------------------------------------- labels
     def _labels(self, views: Views, repeat: int = 1) -> Tensor | None:
-        """Class labels ``[B * repeat]`` for the networks, or ``None`` (unconditional on class)."""
+        """Class labels ``[B * repeat]`` for the networks, or ``None`` (unconditional on class).
+
+        No device value is read: a class-conditional network gets the labels as they are (``-1``, the null
+        label, adds nothing, as ``None`` would), a class-unconditional one none; labels on a class-unconditional
+        network are an error, checked where it is free: on the host (`on_before_batch_transfer` for batches
+        of a Trainer, here for CPU batches).
+        """
         labels = views.labels
-        if labels is None or not bool((labels >= 0).any()):
+        if labels is None:
             return None
         if self.unconditional.num_classes is None:
+            if labels.device.type == "cpu":
+                self._check_no_labels(labels)
+            return None
+        return labels.to(self.device).long().repeat_interleave(repeat)
+
+    def _check_no_labels(self, labels: Tensor) -> None:
+        if bool((labels >= 0).any()):
             raise ValueError(
                 "the batch has class labels but network.num_classes is None; set model.init_args.network."
                 f"init_args.num_classes to the number of classes (labels up to {int(labels.max())}), or turn "
                 "the datamodule's class labels off"
             )
-        return labels.to(self.device).long().repeat_interleave(repeat)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.unconditional.num_classes is None:  # check on the host, before the batch moves to the device
+            for views in batch if isinstance(batch, tuple) else (batch,):
+                if isinstance(views, Views) and views.labels is not None:
+                    self._check_no_labels(views.labels)
+        return batch
 
     # ------------------------------------------------------------------------------ training
     def training_loss(self, views: Views) -> dict[str, Tensor]:
@@ -315,16 +335,17 @@ class WarpingRGBD(BaseNVSModel):
         images = views.images.flatten(0, 1).float()
         depth = self._linear_depth(views.depth.flatten(0, 1))
         K = views.K.flatten(0, 1).float()
+        rng = self.batch_rng.grouped(views.V)  # per-example draws (the V views of a scene are its rows)
         labels = self._labels(views, views.V)
         if labels is not None:
-            labels = drop_class_labels(labels, self.p_uncond)
+            labels = drop_class_labels(labels, self.p_uncond, generator=rng)
         sched = self.noise_schedule
         losses: dict[str, Tensor] = {}
 
         def term(net: ADMUNet, target: Tensor, cond: WarpCondition | None) -> Tensor:
-            t = sched.sample_t(N, device=self.device)
+            t = rng.draw(lambda n, g: sched.sample_t(n, device=target.device, generator=g), N, target.device)
             logsnr = sched.logsnr(t)
-            eps = torch.randn_like(target)
+            eps = rng.randn_like(target)
             z = q_sample(target, logsnr, eps)
             x = z if cond is None else conditional_input(z, cond)
             if self.channels_last:
@@ -336,7 +357,7 @@ class WarpingRGBD(BaseNVSModel):
             target = torch.cat([images, normalize_depth(depth, self.near, self.far)], dim=1)
             losses["loss_unconditional"] = term(self.unconditional, target, None)
         if self.stage in ("conditional", "joint"):
-            pair = self.pairs(images, depth, K, near=self.near, far=self.far)
+            pair = self.pairs(images, depth, K, generator=rng, near=self.near, far=self.far)
             losses["loss_conditional"] = term(self.conditional, pair.target, pair.cond)
         losses["loss"] = sum(losses.values())
         return losses
@@ -439,6 +460,8 @@ class WarpingRGBD(BaseNVSModel):
         B, T, H, W = targets.B, targets.V, targets.H, targets.W
         dev = self.device
         labels = self._labels(context if context.labels is not None else targets)
+        if labels is not None and not bool((labels >= 0).any()):  # all null: skip the guidance passes
+            labels = None
         if self.conditional is None:
             x = self.sample_first_view(B * T, H, W, None if labels is None else labels.repeat_interleave(T), generator)
             x = x.unflatten(0, (B, T)).clamp(-1, 1)

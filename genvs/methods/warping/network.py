@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from genvs.core.config import Configurable
+from genvs.core.distributed import BatchRNG, as_batch_rng
 
 __all__ = [
     "ADMUNet",
@@ -135,10 +137,16 @@ class ADMUNet(Configurable, nn.Module):
         num_head_channels: channels per attention head (64).
         num_classes: class-conditional when set; label ``-1`` is the null label (zero embedding).
         dropout, num_groups: as in ADM (0.0 and 32 for the paper's model).
+        gradient_checkpointing: recompute each down/middle/up stage in the backward pass instead of storing
+            its activations (non-reentrant `torch.utils.checkpoint`: same loss and gradients, less memory).
 
     ``forward(x [B, C, H, W], timestep [B], class_labels [B] | None) -> eps [B, out, H, W]``; ``timestep``
     is the integer DDPM step index in ``[0, T)`` (float accepted), ``class_labels=None`` means all null.
+    Class labels are range-checked when they are on the CPU (on a GPU the check would synchronise).
+    Under FSDP (`genvs.core.distributed.NVSFSDPStrategy`) the units are the residual and attention blocks.
     """
+
+    fsdp_block_types = (ResBlock, Attention)
 
     def __init__(
         self,
@@ -153,8 +161,10 @@ class ADMUNet(Configurable, nn.Module):
         num_classes: int | None = 1000,
         dropout: float = 0.0,
         num_groups: int = 32,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         self.config = dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -167,6 +177,7 @@ class ADMUNet(Configurable, nn.Module):
             num_classes=num_classes,
             dropout=dropout,
             num_groups=num_groups,
+            gradient_checkpointing=gradient_checkpointing,
         )
         self.in_channels, self.out_channels, self.num_classes = in_channels, out_channels, num_classes
         self.model_channels = model_channels
@@ -222,19 +233,25 @@ class ADMUNet(Configurable, nn.Module):
             labels = class_labels.long()
             if labels.shape != (B,):
                 raise ValueError(f"class_labels must be [B]={B} integers (-1 = null), got {list(labels.shape)}")
-            if (labels >= self.num_classes).any() or (labels < -1).any():
+            if labels.device.type == "cpu" and ((labels >= self.num_classes).any() or (labels < -1).any()):
                 raise ValueError(f"class_labels must lie in [-1, {self.num_classes}) (-1 = null label)")
             cls = self.label_emb(labels.clamp_min(0)) * (labels >= 0)[:, None].to(emb.dtype)
             emb = emb + cls
         h = self.input_conv(x)
         hs = [h]
+        run = self._run
         for blk in self.down:
-            h = blk(h, emb)
+            h = run(blk, h, emb)
             hs.append(h)
-        h = self.mid(h, emb)
+        h = run(self.mid, h, emb)
         for blk in self.up:
-            h = blk(torch.cat([h, hs.pop()], dim=1), emb)
+            h = run(blk, torch.cat([h, hs.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+    def _run(self, blk: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, h, emb, use_reentrant=False)
+        return blk(h, emb)
 
 
 def conditional_from_unconditional(uncond: ADMUNet, in_channels: int = CONDITIONAL_IN_CHANNELS) -> ADMUNet:
@@ -258,11 +275,12 @@ def conditional_from_unconditional(uncond: ADMUNet, in_channels: int = CONDITION
     return cond
 
 
-def drop_class_labels(labels: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each label by the null label ``-1`` with probability ``p`` (classifier-free guidance training)."""
+def drop_class_labels(labels: Tensor, p: float, generator: BatchRNG | torch.Generator | None = None) -> Tensor:
+    """Replace each label by the null label ``-1`` with probability ``p`` (classifier-free guidance training).
+    ``generator``: a `BatchRNG` (per-example draws independent of the process layout), a generator or ``None``."""
     if p <= 0:
         return labels
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    drop = as_batch_rng(generator).rand(*labels.shape, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, -1), labels)
 
 
