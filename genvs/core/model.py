@@ -36,8 +36,8 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 
-from genvs.core.config import build, to_spec
-from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.config import build, spec, to_spec
+from genvs.core.diffusion import EMA, CosineLogSNRSchedule, NoiseSchedule, Prediction
 from genvs.core.samplers import Sampler, sampling_progress
 from genvs.core.views import Views
 from genvs.eval.evaluator import EvalConfig, Evaluator, run_key
@@ -96,7 +96,7 @@ class BaseNVSModel(L.LightningModule):
 
     def __init__(
         self,
-        noise_schedule: NoiseSchedule | None = None,
+        noise_schedule: NoiseSchedule | None = spec(CosineLogSNRSchedule),
         sampler: Sampler | None = None,
         optim: OptimConfig = OptimConfig(),
         ema_decay: float = 0.9999,
