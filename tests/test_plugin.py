@@ -346,3 +346,60 @@ def test_minimal_subclass_runs_under_bf16_mixed(toy_root, tmp_path):
     assert trainer.global_step == 1 and model.seen["train_dtype"] == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.denoiser.parameters())  # master weights stay fp32
     assert all(torch.isfinite(s).all() for s in model.ema.shadow())
+
+
+def test_contract_errors_name_the_method(toy_root):
+    class NoNetwork(BaseNVSModel):
+        pass
+
+    with pytest.raises(TypeError, match="NoNetwork must set self.denoiser"):
+        NoNetwork().setup_ema()
+
+    class BadLoss(Minimal):
+        def training_loss(self, views):
+            return super().training_loss(views)["loss"]  # a tensor, not a dict
+
+    class TooFewViews(Minimal):
+        def sample(self, context, targets, sampler=None, generator=None):
+            return super().sample(context, targets.select([0]), sampler, generator)
+
+    dm = _minimal_datamodule(toy_root)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))  # 2 scenes x (1 context + 2 targets)
+    with pytest.raises(TypeError, match="BadLoss.training_loss must return a dict with a 'loss' entry"):
+        BadLoss(sampler=Sampler(num_steps=1)).training_step(batch, 0)
+    with pytest.raises(ValueError, match=r"TooFewViews.sample returned images for \(B, V, H, W\) = \(2, 1, 16, 16\).*\(2, 2, 16, 16\)"):
+        TooFewViews(sampler=Sampler(num_steps=1)).generate(batch)
+    with pytest.raises(NotImplementedError, match="NoNetwork must implement training_loss"):
+        NoNetwork().training_loss(batch)
+
+
+class NaNLoss(Minimal):
+    def training_loss(self, views):
+        out = super().training_loss(views)
+        return {"loss": out["loss"] * float("nan")}
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_nonfinite_loss_policy(toy_root, tmp_path, policy):
+    model = NaNLoss(width=4, sampler=Sampler(num_steps=1), nonfinite_loss=policy)
+    before = [p.detach().clone() for p in model.denoiser.parameters()]
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu",
+                        logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    if policy == "error":
+        from genvs.core.model import NonFiniteLossError
+
+        with pytest.raises(NonFiniteLossError, match=r"non-finite training loss nan at step 0 on scenes: \w+"):
+            trainer.fit(model, _minimal_datamodule(toy_root))
+        return
+    dm = _minimal_datamodule(toy_root)
+    dm.batch_size = 2
+    trainer.fit(model, dm)
+    # Lightning counts the (gradient-free) optimizer steps; no weight or EMA update happened
+    assert trainer.global_step == 2 and int(model.ema.num_updates) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.denoiser.parameters()))
+    import csv
+
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    assert [float(r["train/skipped_nonfinite"]) for r in rows if r.get("train/skipped_nonfinite")] == [1.0, 1.0]
