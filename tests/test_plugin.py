@@ -94,6 +94,26 @@ def test_installed_plugin_is_listed_and_fits_by_name(installed, toy_root, tmp_pa
     assert math.isfinite(float(cli.trainer.callback_metrics["val/psnr"]))
 
 
+def test_plugin_and_builtin_results_merge_into_one_table(installed, toy_root, tmp_path, capsys):
+    """`genvs test` scores the plugin like a built-in method; `genvs table` puts both in one table."""
+    from conftest import TINY_XUNET
+
+    common = [*toy_data_args(toy_root, tmp_path), "--model.init_args.sampler.init_args.num_steps", "2",
+              "--evaluation.cache", "false"]
+    run(["test", "--model", "tinydiff", "--model.init_args.network.init_args", json.dumps(TINY_UNET), *common,
+         "--evaluation.results_dir", str(tmp_path / "tinydiff")])
+    run(["test", "--model", "threedim", "--model.init_args.network.init_args", json.dumps(dict(TINY_XUNET, image_size=16)),
+         *common, "--evaluation.results_dir", str(tmp_path / "threedim")])
+    capsys.readouterr()
+    assert main(["table", str(tmp_path / "tinydiff"), str(tmp_path / "threedim"), "--out", str(tmp_path / "both")]) == 0
+    table = json.loads((tmp_path / "both.json").read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert set(rows) == {"TinyDiff", "ThreeDiM"}
+    for row in rows.values():  # same dataset column, both scored on the same 2 scenes x 2 targets
+        assert math.isfinite(row["toy/psnr"]) and math.isfinite(row["toy/ssim"])
+    assert [r["metrics"]["num_images"] for r in table["results"]] == [4, 4]
+
+
 def test_example_config_names_the_plugin(installed, toy_root, tmp_path, capsys):
     """The tutorial's YAML selects the method by its registry name and matches 3DiM's toy data settings."""
     config = EXAMPLE / "configs" / "tinydiff_toy.yaml"
@@ -180,6 +200,7 @@ def test_broken_plugin_is_reported_with_its_package(broken_plugin, toy_root, tmp
     msg = str(err.value)
     assert err.value.distribution == "broken-genvs-plugin"
     assert "package broken-genvs-plugin 1.0" in msg and "needs the frobnicate library" in msg
+    assert "Fix or upgrade that package (pip install -U broken-genvs-plugin)" in msg
     assert "pip uninstall broken-genvs-plugin" in msg
     with pytest.raises(MethodLoadError, match="not a genvs.core.model.BaseNVSModel subclass"):
         load_method("notamodel")

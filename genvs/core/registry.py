@@ -174,6 +174,10 @@ def _fix_hint(entry: MethodEntry) -> str:
     )
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def load_method(name: str) -> type:
     """Import and return the class registered as ``name``.
 
@@ -193,14 +197,14 @@ def load_method(name: str) -> type:
             obj = getattr(obj, part)
     except Exception as e:  # noqa: BLE001 - report any import failure of a plugin with its package
         raise MethodLoadError(
-            f"{what} failed to import: {type(e).__name__}: {e}. {_fix_hint(entry).capitalize()}",
+            f"{what} failed to import: {type(e).__name__}: {e}. {_sentence(_fix_hint(entry))}",
             entry.name,
             entry.distribution,
         ) from e
     if not (isinstance(obj, type) and issubclass(obj, BaseNVSModel)):
         raise MethodLoadError(
             f"{what} is not a genvs.core.model.BaseNVSModel subclass (got {obj!r}); the entry point must name "
-            f"the method's LightningModule class. {_fix_hint(entry).capitalize()}",
+            f"the method's LightningModule class. {_sentence(_fix_hint(entry))}",
             entry.name,
             entry.distribution,
         )
