@@ -27,9 +27,17 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter, load_checkpoint
+from genvs.callbacks import PredictionWriter, check_checkpoint, load_checkpoint
 from genvs.core.model import BaseNVSModel, check_checkpoint_method
-from genvs.core.registry import UnknownMethodError, available_methods, import_all, resolve_method
+from genvs.core.registry import (
+    MethodLoadError,
+    UnknownMethodError,
+    available_methods,
+    import_all,
+    load_method,
+    method_entries,
+    resolve_method,
+)
 from genvs.core.samplers import Sampler
 from genvs.data.module import NVSDataModule
 from genvs.eval.evaluator import EvalConfig
@@ -214,12 +222,19 @@ def _check_config_model(path: str) -> str:
     name = model if isinstance(model, str) else model.get("class_path") if isinstance(model, dict) else None
     if not isinstance(name, str) or not _is_bare_name(name):
         return path
-    full = resolve_method(name)  # raises UnknownMethodError listing the known methods
+    full = _method_class_path(name)  # UnknownMethodError listing the known methods, or MethodLoadError
     if isinstance(model, str):
         cfg["model"] = {"class_path": full}
     else:
         model["class_path"] = full
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _method_class_path(name: str) -> str:
+    """Registry name -> class path, after checking the method loads (a broken plugin's error names its
+    package here instead of surfacing later as an unresolvable class path)."""
+    load_method(name)
+    return resolve_method(name)
 
 
 def _resolve_methods(argv: list[str]) -> list[str]:
@@ -229,12 +244,12 @@ def _resolve_methods(argv: list[str]) -> list[str]:
         arg = argv[i]
         nxt = argv[i + 1] if i + 1 < len(argv) else None
         if arg in ("--model", "--model.class_path") and nxt is not None and _is_bare_name(nxt):
-            out += [arg, resolve_method(nxt)]
+            out += [arg, _method_class_path(nxt)]
             i += 2
             continue
         for flag in ("--model=", "--model.class_path="):
             if arg.startswith(flag) and _is_bare_name(arg[len(flag):]):
-                arg = flag + resolve_method(arg[len(flag):])
+                arg = flag + _method_class_path(arg[len(flag):])
         if arg in ("--config", "-c") and nxt is not None:
             out += [arg, _check_config_model(nxt)]
             i += 2
@@ -292,10 +307,15 @@ def _table_command(argv: list[str]) -> int:
 
 
 def _methods_command(argv: list[str]) -> int:
+    """``genvs methods``: every built-in and plugin method, where it comes from, and whether it loads."""
+    if argv:
+        print(f"genvs methods: takes no arguments, got {' '.join(argv)}", file=sys.stderr)
+        return 2
     errors = import_all()
-    for name, target in sorted(available_methods().items()):
-        status = f"  (broken: {errors[name]})" if name in errors else ""
-        print(f"{name:16s} {target}{status}")
+    for key, entry in method_entries().items():
+        origin = "built-in" if entry.builtin else entry.origin.removeprefix("package ")
+        status = f"\n    BROKEN: {errors[key]}" if key in errors else ""
+        print(f"{entry.name:16s} {entry.class_path:48s} [{origin}]{status}")
     return 0
 
 
@@ -362,12 +382,16 @@ def main(args: list[str] | None = None, friendly_errors: bool | None = None) -> 
 def run(args: list[str]) -> GenvsCLI:
     """Run a Lightning subcommand in-process and return the `GenvsCLI` (its ``trainer``, ``model``, ``datamodule``)."""
     argv = list(args)
-    import_all()  # so class names of built-in and plugin methods resolve in configs
+    errors = import_all()  # so class names of built-in and plugin methods resolve in configs
     try:
         argv = _resolve_methods(argv)
-    except UnknownMethodError as e:
+    except (UnknownMethodError, MethodLoadError) as e:
         print(f"genvs: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    entries = method_entries()
+    for name, error in errors.items():  # broken plugins nobody selected: one line each, then carry on
+        if not entries[name].builtin:
+            print(f"genvs: warning: {error}", file=sys.stderr)
     with warnings.catch_warnings():  # args is meant to replace sys.argv here
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         return _run_cli(argv)

@@ -1,18 +1,27 @@
-"""`BaseNVSModel`: the contract every genvs method implements.
+"""`BaseNVSModel`: the contract every genvs method implements (public and stable).
 
-A method subclasses `BaseNVSModel` and provides only what differs:
+A method subclasses `BaseNVSModel` and provides only what differs (**must implement**):
 
-- ``self.denoiser``: a plain ``nn.Module`` holding the trainable network(s);
-- ``training_loss(views) -> dict[str, Tensor]`` with at least ``"loss"``;
+- ``__init__``: typed arguments (so ``genvs ... --print_config`` shows them), passing the shared ones
+  (``noise_schedule``, ``sampler``, ``optim``, ``ema_decay``, ``**kwargs``) to ``super().__init__``, and
+  building ``self.denoiser``. Hyperparameters are saved by the base for every argument of the subclass
+  chain (do not call ``save_hyperparameters`` yourself);
+- ``self.denoiser``: a plain ``nn.Module`` holding the trainable network(s) (EMA tracks its parameters);
+- ``training_loss(views) -> dict[str, Tensor]`` with at least ``"loss"`` (the base logs every term);
 - ``sample(context, targets, sampler=None, generator=None) -> Views``: the targets' cameras with
   generated ``images`` (and ``depth`` where the method produces it).
 
-The base owns the rest: the optimizer and LR warmup/schedule, EMA weights (used for sampling and saved
-in checkpoints), logging of the loss terms and of image grids, validation/test (sample -> metrics via
+**Optional hooks** (override and call ``super()`` where it has one): `generate` (what evaluation feeds to
+`sample`), `predict_step` (extra outputs such as orbits or panoramas), `log_image_grid`,
+`configure_optimizers` (parameter groups), the class attribute ``prediction``, and any Lightning hook.
+
+**Guaranteed by the base**: the optimizer and LR warmup/schedule (`OptimConfig`), EMA weights (updated
+after every optimizer step, used for sampling in validation/test/predict, saved in and restored from
+checkpoints), logging of the loss terms and of image grids, validation/test (sample -> metrics via
 `genvs.eval`, results tables, resumable test runs), prediction (returns generated views for
-`genvs.callbacks.PredictionWriter`), exact resume (per-step reseeding), the non-finite-loss policy,
-channels_last and precision handling. Subclasses call ``super().__init__(...)`` with the shared
-arguments and ``self.save_hyperparameters()`` is done here for every argument of the subclass.
+`genvs.callbacks.PredictionWriter`), checkpoints as plain data (``weights_only=True`` loading, the
+method's class recorded), exact resume (per-step reseeding), the non-finite-loss policy, channels_last
+and precision handling (``trainer.precision``, e.g. ``bf16-mixed``, wraps `training_loss` and `sample`).
 """
 
 from __future__ import annotations
@@ -40,8 +49,8 @@ from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 
 from genvs.callbacks import CheckpointError, check_checkpoint, load_checkpoint
-from genvs.core.config import build, to_spec
-from genvs.core.diffusion import EMA, NoiseSchedule, Prediction
+from genvs.core.config import build, spec, to_spec
+from genvs.core.diffusion import EMA, CosineLogSNRSchedule, NoiseSchedule, Prediction
 from genvs.core.distributed import BatchRNG, ShardedEMA, clean_param_name, fsdp_wrapped_types
 from genvs.core.registry import method_name
 from genvs.core.samplers import Sampler, sampling_progress
@@ -113,10 +122,12 @@ class OptimConfig:
 
 
 class BaseNVSModel(L.LightningModule):
-    """Base LightningModule of every method (see the module docstring for the contract).
+    """Base LightningModule of every method: public and stable (the contract is in the module docstring
+    and, with a worked example, in the documentation's "Add a method" page).
 
     Args:
-        noise_schedule: the training noise schedule; samplers are bound to it.
+        noise_schedule: the training noise schedule; samplers are bound to it (default: continuous-time
+            cosine logSNR clipped to [-20, 20]).
         sampler: how `sample` denoises by default (diffusers scheduler, steps, guidance).
         optim: optimizer and LR schedule.
         ema_decay: EMA decay of the trainable weights; ``0`` disables EMA (sampling uses raw weights).
@@ -133,11 +144,12 @@ class BaseNVSModel(L.LightningModule):
     set from the command line with ``--evaluation.*``; it is not saved as a hyperparameter.
     """
 
-    prediction: Prediction = "eps"  # the denoiser's parameterisation; subclasses set it
+    prediction: Prediction = "eps"
+    """The denoiser's parameterisation (``eps``, ``v`` or ``x0``): samplers convert with it. Subclasses set it."""
 
     def __init__(
         self,
-        noise_schedule: NoiseSchedule | None = None,
+        noise_schedule: NoiseSchedule | None = spec(CosineLogSNRSchedule),
         sampler: Sampler | None = None,
         optim: OptimConfig = OptimConfig(),
         ema_decay: float = 0.9999,
@@ -194,9 +206,18 @@ class BaseNVSModel(L.LightningModule):
 
     # ------------------------------------------------------------------------ subclass contract
     denoiser: nn.Module
+    """The trainable network(s), a plain ``nn.Module`` built in ``__init__``. **Must be set.**"""
 
     def training_loss(self, views: Views) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """**Must implement.** The loss terms of one training batch.
+
+        Args:
+            views: a training batch; its first ``views.num_context`` views are the context.
+
+        Returns:
+            ``{"loss": scalar to minimise, **other terms}``; every term is logged as ``train/<name>``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement training_loss(views) -> dict with 'loss'")
 
     def sample(
         self,
@@ -205,7 +226,20 @@ class BaseNVSModel(L.LightningModule):
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> Views:
-        raise NotImplementedError
+        """**Must implement.** Generate the target views.
+
+        Called without gradients, with the EMA weights swapped in (see `generate`).
+
+        Args:
+            context: the given views (images and cameras), ``context.V`` may be 0 for unconditional methods.
+            targets: the cameras to generate (``images`` is ``None``; ``targets.H``, ``targets.W`` give the size).
+            sampler: sample with this instead of ``self.sampler``.
+            generator: the source of all sampling noise (fixed seeds make evaluation reproducible).
+
+        Returns:
+            ``targets`` with ``images [B, V, 3, H, W]`` in [-1, 1] (and ``depth`` if the method makes it).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement sample(context, targets, sampler, generator)")
 
     # ------------------------------------------------------------------------------- lifecycle
     def configure_model(self) -> None:
@@ -214,6 +248,11 @@ class BaseNVSModel(L.LightningModule):
         Under FSDP this hook runs before the model is wrapped and sharded: the EMA is built afterwards,
         over the shards (`setup_sharded_ema`, called by `genvs.core.distributed.NVSFSDPStrategy`).
         """
+        if not isinstance(getattr(self, "denoiser", None), nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} must set self.denoiser to its network (an nn.Module) in __init__; "
+                "the base keeps EMA weights of its trainable parameters"
+            )
         if self._under_fsdp():
             from genvs.core.distributed import NVSFSDPStrategy
 
@@ -285,7 +324,7 @@ class BaseNVSModel(L.LightningModule):
             self.ema._host_updates = None
 
     def setup_ema(self) -> None:
-        """Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
+        """Public. Build the EMA now (for use outside a Trainer, e.g. after ``__init__`` in a script)."""
         self.configure_model()
 
     @_restricted_classmethod
@@ -337,7 +376,8 @@ class BaseNVSModel(L.LightningModule):
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Sample with the EMA weights inside this block (no-op without EMA)."""
+        """Public. Sample with the EMA weights inside this block (no-op without EMA or with
+        ``use_ema_for_eval=False``); the live weights are restored on exit."""
         if self.ema is None or not self.use_ema_for_eval:
             yield
             return
@@ -391,6 +431,11 @@ class BaseNVSModel(L.LightningModule):
         """
         self.check_nonfinite_loss()
         losses = self.training_loss(batch)
+        if not isinstance(losses, dict) or "loss" not in losses:
+            raise TypeError(
+                f"{type(self).__name__}.training_loss must return a dict with a 'loss' entry, got "
+                f"{type(losses).__name__}{sorted(losses) if isinstance(losses, dict) else ''}"
+            )
         loss = losses["loss"]
         if self.nonfinite_loss == "skip":
             reports = self._nonfinite_reports(loss, batch)
@@ -555,16 +600,28 @@ class BaseNVSModel(L.LightningModule):
     def generate(
         self, batch: Views | tuple[Views, Views], batch_idx: int = 0, sampler: Sampler | None = None
     ) -> tuple[Views, Views]:
-        """(context, generated targets) of an evaluation batch, with EMA weights and fixed seeds.
+        """Public (optional hook). (context, generated targets) of an evaluation batch, with EMA weights
+        and fixed seeds: the one place validation, test and predict call `sample`.
 
         ``batch`` is a `Views` whose first ``num_context`` views are the context, or a pair
         ``(context, targets)`` whose targets may be cameras only (``genvs predict`` of new trajectories).
+        The generated views are checked against the requested cameras (count and size).
         """
         context, targets = batch if isinstance(batch, tuple) else batch.split()
         bar = self._trainer.progress_bar_callback if self._trainer is not None else None
         with self.ema_weights(), torch.no_grad(), sampling_progress(bar):
             pred = self.sample(context, targets.cameras_only(), sampler=sampler, generator=self._generator(batch_idx))
+        self._check_sample(pred, targets)
         return context, pred
+
+    def _check_sample(self, pred: Views, targets: Views) -> None:
+        name = f"{type(self).__name__}.sample"
+        if not isinstance(pred, Views) or pred.images is None:
+            raise TypeError(f"{name} must return the targets' Views with images (targets.with_images(x)), got {pred!r}")
+        want = (targets.B, targets.V, targets.H, targets.W)
+        got = (pred.B, pred.V, pred.H, pred.W)
+        if got != want:
+            raise ValueError(f"{name} returned images for (B, V, H, W) = {got}, but the targets ask for {want}")
 
     def _evaluate(self, evaluator: Evaluator, batch: Views, batch_idx: int) -> tuple[Views, Views]:
         """Generate (or reload from the evaluator's cache) and score one batch."""
@@ -628,7 +685,8 @@ class BaseNVSModel(L.LightningModule):
         return os.path.join(root, "results")
 
     def write_results(self, scores: dict[str, float], wall_time: float, notes: list[str] | None = None) -> dict[str, Path]:
-        """Write this test run as a results table (Markdown, CSV, JSON with seed, commit, config, versions)."""
+        """Public. Write this test run as a results table (Markdown, CSV, JSON with seed, commit, config,
+        versions) under ``evaluation.results_dir``; returns the paths by format (``md``, ``csv``, ``json``)."""
         data = self._data_description()
         method = type(self).__name__
         dataset = data.get("name", "unknown")
@@ -671,12 +729,15 @@ class BaseNVSModel(L.LightningModule):
         }
 
     def predict_step(self, batch: Views | tuple[Views, Views], batch_idx: int) -> dict[str, Views | None]:
+        """Optional hook. ``{"context", "pred", "target"}`` for `genvs.callbacks.PredictionWriter`; subclasses
+        may add entries (e.g. ``"orbit"`` views, a ``"panorama"`` tensor) after calling ``super()``."""
         context, pred = self.generate(batch, batch_idx)
         targets = batch[1] if isinstance(batch, tuple) else batch.targets
         return {"context": context, "pred": pred, "target": targets if targets.images is not None else None}
 
     def log_image_grid(self, context: Views, pred: Views, target: Views | None = None) -> None:
-        """Rows: scenes; columns: context views | generated targets | ground truth."""
+        """Optional hook. Log an image grid (rows: scenes; columns: context views | generated targets |
+        ground truth) to TensorBoard, or as PNGs under the logger's folder for other loggers."""
         from genvs.callbacks import views_grid
 
         n = min(self.num_log_images, context.B)

@@ -398,7 +398,8 @@ class CO3DDataModule(VideoDataModule):
         scene_scale, target_scale: per-sequence scale (see `CO3DScenes`; official: mean foreground depth 10).
         top_quality: keep only the best sequences of the *training* split by viewpoint quality (official: 500).
         crop: ``center`` square crops.
-        (frame windows, scale augmentation and the `NVSDataModule` arguments as in `VideoDataModule`)
+
+    Frame windows, scale augmentation and the `NVSDataModule` arguments are as in `VideoDataModule`.
     """
 
     def __init__(

@@ -183,7 +183,8 @@ class VideoDataModule(NVSDataModule):
         min_distance, max_distance: frame-window bounds per context view (official: CO3D 20 / 40,
             RealEstate10K 100 / 180).
         scale_augmentation: scene-scale augmentation ratio in training (official CO3D: 0.2).
-        (the remaining arguments are `NVSDataModule`'s; ``load_depth`` defaults to False here)
+
+    The remaining arguments are `NVSDataModule`'s; ``load_depth`` defaults to False here.
     """
 
     def __init__(self, min_distance: int = 20, max_distance: int = 40, scale_augmentation: float = 0.0, **kwargs):

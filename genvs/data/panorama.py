@@ -330,7 +330,8 @@ class ToyRoomsDataModule(PanoramaDataModule):
     Args:
         root: where the rendered rooms live.
         rooms: the room generator's settings (resolution, rooms per split, ring geometry, ...).
-        (the other arguments are `PanoramaDataModule`'s; ``num_views`` and ``fov_deg`` follow ``rooms``)
+
+    The other arguments are `PanoramaDataModule`'s; ``num_views`` and ``fov_deg`` follow ``rooms``.
     """
 
     def __init__(

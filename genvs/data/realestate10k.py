@@ -262,7 +262,8 @@ class RealEstate10KDataModule(VideoDataModule):
         frames_root: extracted frames ``<split>/<sequence>/<timestamp>.png|jpg``.
         val_split: split used for validation (the release has only ``train`` and ``test``).
         crop: ``center`` square crops (official).
-        (frame windows, scale augmentation and the `NVSDataModule` arguments as in `VideoDataModule`)
+
+    Frame windows, scale augmentation and the `NVSDataModule` arguments are as in `VideoDataModule`.
     """
 
     def __init__(

@@ -70,7 +70,8 @@ class ImageOrbitDataModule(NVSDataModule):
         fov_deg, radius, elevation_deg, azimuth_deg: the input camera when no files are given.
         pose: optional file with the input camera's 4x4 OpenCV camera-to-world matrix.
         intrinsics: optional SRN-style ``intrinsics.txt`` for the input image.
-        (``image_size`` resizes the input to the model's resolution; other arguments as `NVSDataModule`.)
+
+    ``image_size`` resizes the input to the model's resolution; the other arguments are `NVSDataModule`'s.
     """
 
     def __init__(

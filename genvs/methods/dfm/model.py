@@ -69,9 +69,10 @@ class DFM(BaseNVSModel):
         max_context: autoregressive mode: condition on at most this many most recent views.
         orbit_frames: `predict` also renders this many cameras on an orbit around the scene from the sampled
             scene (returned as ``"orbit"`` and written as ``orbit.gif`` by the prediction writer); 0 = off.
-        (noise_schedule, sampler, optim, ema_decay and the rest are `BaseNVSModel`'s; defaults: the official
-        cosine beta schedule with T = 1000, DDIM 50 steps, Adam lr 2e-5 with betas (0.9, 0.99) and 1000
-        warmup steps, EMA 0.9995 per step = the official 0.995 every 10 steps)
+
+    ``noise_schedule``, ``sampler``, ``optim``, ``ema_decay`` and the rest are `BaseNVSModel`'s; defaults: the
+    official cosine beta schedule with T = 1000, DDIM 50 steps, Adam lr 2e-5 with betas (0.9, 0.99) and 1000
+    warmup steps, EMA 0.9995 per step = the official 0.995 every 10 steps.
     """
 
     prediction = "x0"

@@ -203,11 +203,12 @@ class DFMDenoiser(Configurable, nn.Module):
         """One denoising step.
 
         Args:
-            context_images ``[B, Nc, 3, H, W]`` clean, ``context_K [B, Nc, 3, 3]``, ``context_c2w [B, Nc, 4, 4]``.
-            noisy_target ``[B, 3, H, W]`` at time ``t [B]`` (continuous, 0 = clean), camera
+            context_images: ``[B, Nc, 3, H, W]`` clean, with ``context_K [B, Nc, 3, 3]`` and
+                ``context_c2w [B, Nc, 4, 4]``.
+            noisy_target: ``[B, 3, H, W]`` at time ``t [B]`` (continuous, 0 = clean), camera
                 ``target_K [B, 3, 3]``, ``target_c2w [B, 4, 4]``.
-            render_K, render_c2w ``[B, M, ...]``: cameras to render (default: the target camera, M = 1);
-            render_uv ``[B, M, R, 2]``: render only these pixels (training patches).
+            render_K, render_c2w: ``[B, M, ...]`` cameras to render (default: the target camera, M = 1).
+            render_uv: ``[B, M, R, 2]``: render only these pixels (training patches).
 
         The x0 estimate is ``out.render.rgb[:, 0]`` when rendering the target camera in full.
         """

@@ -118,7 +118,8 @@ class MVDiffusion(BaseNVSModel):
             code) rather than its mode.
         panorama_width: width of the stitched equirectangular panorama written by ``predict``
             (default: 4 view widths, 2048 for 512 px views; height is half).
-        (the remaining arguments are `BaseNVSModel`'s; the noise schedule is the SD checkpoint's)
+
+    The remaining arguments are `BaseNVSModel`'s; the noise schedule is the SD checkpoint's.
     """
 
     prediction = "eps"

@@ -38,7 +38,8 @@ class ThreeDiM(BaseNVSModel):
         prediction: the network's parameterisation: ``eps`` as in the paper, or ``v``. An eps network
             must predict the noise to ~1e-5 at logSNR -20 for its x0 estimate to mean anything; short
             training runs (the CPU toy config) do not get there and sample noise, v-prediction does.
-        (the remaining arguments are `BaseNVSModel`'s)
+
+    The remaining arguments are `BaseNVSModel`'s.
     """
 
     prediction = "eps"

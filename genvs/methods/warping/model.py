@@ -157,7 +157,8 @@ class WarpingRGBD(BaseNVSModel):
         first_view_sampler: sampler of the unconditional first view (paper: 1000 DDPM steps). Its
             ``guidance_scale`` is the label guidance ``1 + w``.
         sampler: sampler of the conditional views (paper: 50 DDIM steps).
-        (the remaining arguments are `BaseNVSModel`'s)
+
+    The remaining arguments are `BaseNVSModel`'s.
     """
 
     prediction = "eps"
