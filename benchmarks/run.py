@@ -263,7 +263,7 @@ def reference_dfm(tiny: bool = False) -> Reference:
 def reference_warping(tiny: bool = False) -> Reference:
     """The warping RGBD model's conditional ADM (the paper's second stage) at 64 px: ADM with 64 base
     channels, channel_mult 1-2-3-4, 2 res blocks, attention at 16 and 8, 64-wide heads, 1000 classes;
-    batch 8 RGBD images, each turned into a forward-backward-warped training pair. Sampling: the paper's
+    batch 4 RGBD images, each turned into a forward-backward-warped training pair. Sampling: the paper's
     novel-view sampler (DDIM 50 steps, class CFG 4.0, x0 guidance toward the warped condition)."""
     import torch
 
@@ -277,7 +277,7 @@ def reference_warping(tiny: bool = False) -> Reference:
         net = spec(ADMUNet, image_size=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                    attention_resolutions=(8,), num_head_channels=8, num_classes=10, num_groups=4)
     else:
-        H, B = 64, 8
+        H, B = 64, 4
         net = spec(ADMUNet, image_size=64, model_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                    attention_resolutions=(16, 8), num_head_channels=64, num_classes=1000, num_groups=32)
     model = WarpingRGBD(network=net, stage="conditional", near=0.4, far=100.0, sample_near=None, sample_far=None)
@@ -381,7 +381,7 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool = False) -> dict:
+def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool = False, peak_seconds: float = 1.0) -> dict:
     """Measure one (method, variant) in this process (see the module docstring).
 
     Prints ``PARTIAL {json}`` after every phase, so a run killed at its time limit still reports what it
@@ -391,7 +391,7 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
     opts = VARIANTS[variant]
     torch.manual_seed(0)
     out: dict[str, Any] = {"method": method, "variant": variant, **opts, "device": device, "repeats": repeats}
-    out["cpu_fp32_matmul_gflops"] = matmul_peak("fp32", device, seconds=1.0, max_n=1024)  # this process' share now
+    out["cpu_fp32_matmul_gflops"] = matmul_peak("fp32", device, seconds=peak_seconds, max_n=1024)  # this process' share
     ref = REFERENCES[method](tiny)
     model = ref.model
     model.channels_last = opts["channels_last"]
@@ -538,10 +538,12 @@ def machine() -> dict:
     return info
 
 
-def run_child(method: str, variant: str, device: str, repeats: int, tiny: bool, timeout: float) -> dict:
+def run_child(
+    method: str, variant: str, device: str, repeats: int, tiny: bool, timeout: float, peak_seconds: float = 1.0
+) -> dict:
     """Run one measurement in a fresh subprocess (own process group, killed at ``timeout`` seconds)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", method, variant, "--device", device,
-           "--repeats", str(repeats)] + (["--tiny"] if tiny else [])
+           "--repeats", str(repeats), "--peak-seconds", str(peak_seconds)] + (["--tiny"] if tiny else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -569,10 +571,10 @@ def run_child(method: str, variant: str, device: str, repeats: int, tiny: bool, 
 
 
 # ------------------------------------------------------------------------------------- tables
-def _f(x: Any, fmt: str, missing: str = "–") -> str:
+def _f(x: Any, fmt: str, suffix: str = "", missing: str = "–") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return missing
-    return format(x, fmt)
+    return format(x, fmt) + suffix
 
 
 def results_table(data: dict) -> str:
@@ -580,31 +582,40 @@ def results_table(data: dict) -> str:
     m = data["machine"]
     rows = [
         "| method | variant | train step (s) | vs fp32 | samples/s | train GFLOP/s | MFU | sampling step (s) "
-        "| vs fp32 | denoiser evals/s | s / novel view | peak mem (GiB) | CPU share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs fp32 | denoiser evals/s | s / novel view | peak mem (GiB) | CPU share | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best_fp32 = data.get("machine_fp32_peak_gflops")
     for r in data["runs"]:
-        share = (r.get("cpu_fp32_matmul_gflops") / best_fp32) if best_fp32 and r.get("cpu_fp32_matmul_gflops") else None
+        share = r.get("cpu_fp32_matmul_gflops")
+        share = 100 * share / best_fp32 if share and best_fp32 else None
+        note = []
         if r.get("failed"):
-            first = f" (first step {r['first_step_s']:.1f} s)" if r.get("first_step_s") else ""
-            rows.append(f"| {r['method']} | {r['variant']} | {r['failed']}{first} | | | | | | | | | | "
-                        f"{_f(share and 100 * share, '.0f')}% |")
-            continue
+            note.append(r["failed"] + (f"; first (FLOP-counting) train step {r['first_step_s']:.1f} s"
+                                       if r.get("first_step_s") and r.get("train_step_s") is None else ""))
+        if r.get("compile_s"):
+            note.append(f"compilation {r['compile_s']:.0f} s")
+        if r.get("speedup_vs_fp32") is not None and not r.get("baseline_same_session", True):
+            note.append("fp32 baseline from another session")
+        mfu = r.get("mfu")
         rows.append(
-            f"| {r['method']} | {r['variant']} | {_f(r['train_step_s'], '.3f')} | {_f(r.get('speedup_vs_fp32'), '.2f')}x "
-            f"| {_f(r['train_samples_per_s'], '.2f')} | {_f(r['train_gflops'], '.1f')} | {_f(100 * r['mfu'], '.1f')}% "
-            f"| {_f(r['eval_step_s'], '.3f')} | {_f(r.get('eval_speedup_vs_fp32'), '.2f')}x "
-            f"| {_f(r['denoiser_evals_per_s'], '.2f')} | {_f(r['seconds_per_novel_view'], '.1f')} "
-            f"| {_f(r['peak_train_gib'], '.2f')} | {_f(share and 100 * share, '.0f')}% |"
+            f"| {r['method']} | {r['variant']} | {_f(r.get('train_step_s'), '.3f')} | {_f(r.get('speedup_vs_fp32'), '.2f', 'x')} "
+            f"| {_f(r.get('train_samples_per_s'), '.3f')} | {_f(r.get('train_gflops'), '.1f')} "
+            f"| {_f(mfu and 100 * mfu, '.1f', '%')} | {_f(r.get('eval_step_s'), '.3f')} "
+            f"| {_f(r.get('eval_speedup_vs_fp32'), '.2f', 'x')} | {_f(r.get('denoiser_evals_per_s'), '.2f')} "
+            f"| {_f(r.get('seconds_per_novel_view'), '.1f')} | {_f(r.get('peak_train_gib'), '.2f')} "
+            f"| {_f(share, '.0f', '%')} | {'; '.join(note)} |"
         )
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores ({m.get('cpu_capability', '?')})"
     peaks = data["matmul_peak_gflops"]
+    sessions = "; ".join(
+        f"{s['started']} ({', '.join(s['methods'])}"
+        + (f", load average {s['machine']['load_average'][0]:.1f}" if s.get("machine", {}).get("load_average") else "")
+        + f", {s['wall_time_s'] / 60:.1f} min)" for s in data.get("sessions", []))
     head = (
-        f"**{where}**, torch {m['torch']}, {data['date']}, {'tiny references, ' if data.get('tiny') else ''}"
-        f"median of {data['repeats']} repeat(s); matmul peak measured in this run: fp32 "
-        f"{_f(best_fp32, '.1f')} GFLOP/s, bf16 {_f(peaks.get('bf16'), '.2f')} GFLOP/s"
-        + (f"; load average at the start {', '.join(f'{x:.1f}' for x in m['load_average'])}" if m.get("load_average") else "")
+        f"**{where}**, torch {m['torch']}, {'tiny references, ' if data.get('tiny') else ''}"
+        f"median of {data['repeats']} repeat(s); best matmul peak measured: fp32 {_f(best_fp32, '.1f')} GFLOP/s, "
+        f"bf16 {_f(peaks.get('bf16'), '.2f')} GFLOP/s. Sessions: {sessions}."
     )
     return head + "\n\n" + "\n".join(rows)
 
@@ -648,6 +659,30 @@ def write_readme(readme: Path | None = None) -> None:
     readme.write_text(text)
 
 
+def finalize(data: dict) -> dict:
+    """Ratios to fp32 eager of the same method (measured in the same session when possible) and MFU against
+    the best matmul peak measured anywhere in the file (a shared CPU gives each process only part of it)."""
+    sessions = data.get("sessions", [])
+    best_fp32 = max([s["matmul_peak_gflops"]["fp32"] for s in sessions] + [s.get("matmul_fp32_peak_gflops_end", 0) for s in sessions]
+                    + [r.get("cpu_fp32_matmul_gflops") or 0 for r in data["runs"]])
+    best_bf16 = max([s["matmul_peak_gflops"]["bf16"] for s in sessions] or [0.0])
+    data["machine_fp32_peak_gflops"], data["matmul_peak_gflops"] = best_fp32, {"fp32": best_fp32, "bf16": best_bf16}
+    for r in data["runs"]:
+        if r.get("train_step_s") is None:
+            continue
+        bases = [b for b in data["runs"] if b["method"] == r["method"] and b["variant"] == "fp32" and b.get("train_step_s")]
+        bases.sort(key=lambda b: b.get("session") != r.get("session"))  # same session first
+        base = bases[0] if bases else None
+        r["speedup_vs_fp32"] = base["train_step_s"] / r["train_step_s"] if base else None
+        r["eval_speedup_vs_fp32"] = (base["eval_step_s"] / r["eval_step_s"]
+                                     if base and r.get("eval_step_s") and base.get("eval_step_s") else None)
+        r["baseline_same_session"] = bool(base) and base.get("session") == r.get("session")
+        # MFU against the fastest matmul among the dtypes the variant may run (bf16 autocast keeps fp32 ops)
+        peak = best_fp32 if r["dtype"] == "fp32" else max(best_fp32, best_bf16)
+        r["mfu"] = r["train_gflops"] / peak if peak else None
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
@@ -655,8 +690,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--repeats", type=int, default=5, help="timed training steps and sampling steps per variant")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, variant) subprocess")
+    ap.add_argument("--timeout-bf16", type=float, default=None,
+                    help="seconds for bf16 variants (default --timeout; CPUs without bf16 units run them very slowly)")
+    ap.add_argument("--peak-seconds", type=float, default=2.0,
+                    help="seconds of each matmul-peak measurement (half of it in each subprocess)")
     ap.add_argument("--tiny", action="store_true", help="shrunken references (16-32 px, few channels): a smoke test")
     ap.add_argument("--out", default=None, help="results file (default results/<machine>.json)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results file's other (method, variant) runs, replacing only those measured now")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "VARIANT"),
                     help="measure one (method, variant) in this process and print it as `RESULT {json}`")
@@ -668,43 +709,44 @@ def main(argv: list[str] | None = None) -> None:
         method, variant = args.one
         if method not in REFERENCES or variant not in VARIANTS:
             ap.error(f"--one {method} {variant}: methods are {list(REFERENCES)}, variants {list(VARIANTS)}")
-        _emit("RESULT", run_variant(method, variant, device, args.repeats, args.tiny))
+        _emit("RESULT", run_variant(method, variant, device, args.repeats, args.tiny, args.peak_seconds))
         return
     started = time.time()
+    session = time.strftime("%Y-%m-%dT%H:%M:%S")
     info = machine()
-    peaks = {dt: matmul_peak(dt, device) for dt in ("fp32", "bf16")}
+    peaks = {dt: matmul_peak(dt, device, seconds=args.peak_seconds) for dt in ("fp32", "bf16")}
     print(f"matmul peak GFLOP/s: {peaks}", flush=True)
     runs = []
     for method in args.methods:
-        base = None
         for variant in args.variants:
-            r = run_child(method, variant, device, args.repeats, args.tiny, args.timeout)
-            if variant == "fp32" and not r.get("failed"):
-                base = r
+            timeout = args.timeout_bf16 if VARIANTS[variant]["dtype"] == "bf16" and args.timeout_bf16 else args.timeout
+            r = run_child(method, variant, device, args.repeats, args.tiny, timeout, args.peak_seconds / 2)
+            r["session"] = session
             runs.append(r)
             if r.get("failed"):
                 print(f"{method}/{variant} failed: {r['failed']}\n{r.get('error', '')}", flush=True)
             else:
-                r["speedup_vs_fp32"] = base["train_step_s"] / r["train_step_s"] if base else None
-                r["eval_speedup_vs_fp32"] = base["eval_step_s"] / r["eval_step_s"] if base else None
                 print(f"{method}/{variant}: train {r['train_step_s']:.3f} s/step, sampling {r['eval_step_s']:.3f} s/step",
                       flush=True)
-    peaks_end = matmul_peak("fp32", device)
-    # the machine's fp32 peak: the best measured anywhere in this run (a shared CPU gives each process less)
-    best_fp32 = max([peaks["fp32"], peaks_end] + [r.get("cpu_fp32_matmul_gflops") or 0 for r in runs])
-    for r in runs:
-        if r.get("failed"):
-            continue
-        # MFU against the fastest matmul among the dtypes the variant may run (bf16 autocast keeps fp32 ops)
-        peak = best_fp32 if r["dtype"] == "fp32" else max(best_fp32, peaks["bf16"])
-        r["mfu"] = r["train_gflops"] / peak
+    peaks_end = matmul_peak("fp32", device, seconds=args.peak_seconds)
     out = Path(args.out) if args.out else RESULTS / (
         f"{'cuda-' + info['gpu'].split()[-1].lower() if 'gpu' in info else 'cpu-' + info['cpu'].split()[0].lower()}"
         f"-{info['cores']}c{'-tiny' if args.tiny else ''}.json")
+    this = {"started": session, "machine": info, "matmul_peak_gflops": peaks, "matmul_fp32_peak_gflops_end": peaks_end,
+            "methods": args.methods, "variants": args.variants, "repeats": args.repeats,
+            "wall_time_s": round(time.time() - started, 1)}
+    data = {"machine": info, "device": device, "repeats": args.repeats, "tiny": args.tiny, "runs": runs, "sessions": [this]}
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        done = {(r["method"], r["variant"]) for r in runs}
+        data["runs"] = [r for r in old.get("runs", []) if (r["method"], r["variant"]) not in done] + runs
+        data["sessions"] = old.get("sessions", []) + [this]
+        data["repeats"] = max(args.repeats, old.get("repeats", 0))
+    order = {m: i for i, m in enumerate(REFERENCES)}
+    data["runs"].sort(key=lambda r: (order.get(r["method"], 99), list(VARIANTS).index(r["variant"])))
+    data["date"] = time.strftime("%Y-%m-%d")
+    finalize(data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"machine": info, "device": device, "matmul_peak_gflops": peaks, "matmul_fp32_peak_gflops_end": peaks_end,
-            "machine_fp32_peak_gflops": best_fp32, "repeats": args.repeats, "tiny": args.tiny, "runs": runs,
-            "date": time.strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - started, 1)}
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(results_table(data))
     if not args.no_readme and not args.tiny:
