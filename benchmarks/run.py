@@ -312,7 +312,7 @@ REFERENCES: dict[str, Callable[[bool], Reference]] = {
 
 
 # --------------------------------------------------------------------------------- measurement
-def matmul_peak(dtype: str, device: str, seconds: float = 2.0, max_n: int = 2048) -> float:
+def matmul_peak(dtype: str, device: str, seconds: float = 2.0, max_n: int = 2048, min_n: int = 256) -> float:
     """Best achieved GFLOP/s of square matmuls in ``dtype`` (the machine's practical peak).
 
     The size grows from 256 to ``max_n`` while one product takes well under the time budget, so a dtype
@@ -331,8 +331,8 @@ def matmul_peak(dtype: str, device: str, seconds: float = 2.0, max_n: int = 2048
         (a @ b).sum().item()
         return time.perf_counter() - t
 
-    once(64)  # thread-pool / library start-up is not part of the peak
-    n, best, end = 256, 0.0, time.time() + seconds
+    once(min_n)  # thread-pool / library start-up is not part of the peak
+    n, best, end = min_n, 0.0, time.time() + seconds
     while True:
         dt_s = once(n)
         best = max(best, 2 * n**3 / dt_s / 1e9)
@@ -391,7 +391,10 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
     opts = VARIANTS[variant]
     torch.manual_seed(0)
     out: dict[str, Any] = {"method": method, "variant": variant, **opts, "device": device, "repeats": repeats}
-    out["cpu_fp32_matmul_gflops"] = matmul_peak("fp32", device, seconds=peak_seconds, max_n=1024)  # this process' share
+    # this process' share of the machine: its fp32 matmul throughput now and again before the timed steps
+    # (the larger is kept; 512x512 products at least, smaller ones mostly measure thread wake-up latency)
+    share = [matmul_peak("fp32", device, seconds=peak_seconds / 2, max_n=1024, min_n=512)]
+    out["cpu_fp32_matmul_gflops"] = share[0]
     ref = REFERENCES[method](tiny)
     model = ref.model
     model.channels_last = opts["channels_last"]
@@ -485,6 +488,8 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
         out["compile_s"] = time.perf_counter() - t
         _emit("PARTIAL", out)
     # 3. timed training steps
+    share.append(matmul_peak("fp32", device, seconds=peak_seconds / 2, max_n=1024, min_n=512))
+    out["cpu_fp32_matmul_gflops"], out["cpu_fp32_matmul_gflops_samples"] = max(share), share
     model.train()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

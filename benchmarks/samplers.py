@@ -187,11 +187,15 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[st
             "notes": list(scorer.notes)}
 
 
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def markdown(data: dict) -> str:
     cols = ["psnr", "ssim"] + [m for m in OPTIONAL_METRICS if any(m in r for r in data["rows"])]
     head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
     lines = [
-        f"**{data['method']} on {data['dataset']}** ({data['num_views']} views of {data['num_scenes']} scenes, "
+        f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
         f"checkpoint `{data['checkpoint']}`, {data['device']}, {data['date']})"
         + (f"; not measured (no local weights): {', '.join(sorted(data['missing_metrics']))}" if data["missing_metrics"] else ""),
         "",
