@@ -1,0 +1,300 @@
+"""Quality against speed of fast samplers for a trained checkpoint: PSNR / SSIM (+ LPIPS / FID / KID where
+their weights are on this machine) and wall time per generated view, for
+
+- ``paper``: the method's paper sampler (the class default of its ``sampler`` argument: 3DiM ancestral
+  DDPM 256 steps, DFM / warping DDIM 50, MVDiffusion DDIM 50 on SD's "leading" spacing);
+- ``ddim``: genvs' fixed `DDIMScheduler`, "trailing" timestep spacing, deterministic (eta 0);
+- ``dpmpp``: diffusers' ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, 2nd order),
+  "trailing" spacing,
+
+each at every ``--steps`` (the paper sampler at its own step count, ``--paper-steps``). Only the scheduler
+and the step count change between rows: guidance scale and noise temperature are the checkpoint's, the
+method's sampling procedure (3DiM's stochastic conditioning, DFM's dynamic thresholding, the warping
+model's x0 guidance, MVDiffusion's joint ring) is the model's own, and every row starts from the same
+seeds. x0 clipping follows the checkpoint's scheduler (``clip_sample``; DPM-Solver++ gets the equivalent
+``thresholding`` with ``sample_max_value = 1``), so latent-space models are never clipped.
+
+    python benchmarks/samplers.py --config configs/3dim_toy.yaml \\
+        --ckpt runs/3dim_toy/lightning_logs/version_0/checkpoints/last.ckpt --num-scenes 4 --num-targets 4
+
+Generation is `BaseNVSModel.generate` (EMA weights, per-batch seeds) on the config's test split with the
+protocol ``input_views`` / ``--num-scenes`` / ``--num-targets``; metrics are `genvs.eval.metrics.NVSMetrics`.
+Writes ``benchmarks/results/samplers_<method>_<dataset>.json`` and ``.md`` and the samplers block of
+``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _bench_run():
+    """benchmarks/run.py as a module (shared helpers: README blocks, machine description)."""
+    import importlib.util
+
+    name = "genvs_benchmarks_run"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+SAMPLERS = ("paper", "ddim", "dpmpp")
+OPTIONAL_METRICS = ("lpips", "fid", "kid")
+
+
+def method_class(config: dict, ckpt: dict) -> type:
+    """The model class: the checkpoint's recorded method, else the config's ``model.class_path``."""
+    import importlib
+
+    from genvs.core.registry import resolve_method
+
+    path = (ckpt.get("genvs") or {}).get("method")
+    if path is None:
+        model = config.get("model")
+        path = model if isinstance(model, str) else (model or {}).get("class_path")
+        if path is None:
+            raise ValueError("neither the checkpoint nor the config names the model class (model.class_path)")
+        if "." not in path:
+            path = resolve_method(path)
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def paper_sampler_spec(cls: type) -> dict:
+    """The default of ``cls``'s ``sampler`` argument (the paper's sampler, as a spec)."""
+    param = inspect.signature(cls.__init__).parameters.get("sampler")
+    if param is None or not isinstance(param.default, dict):
+        raise ValueError(f"{cls.__name__} has no default `sampler` spec to take the paper's sampler from")
+    return param.default
+
+
+def make_samplers(model, names: list[str], steps: list[int], paper_steps: int | None) -> list[tuple[str, Any]]:
+    """``(name, Sampler)`` rows: the paper's sampler at its step count, then each fast sampler at ``steps``."""
+    from genvs.core.config import build, spec
+    from genvs.core.samplers import DDIMScheduler, Sampler
+
+    base = model.sampler
+    keep = dict(guidance_scale=base.guidance_scale, noise_temperature=base.noise_temperature)
+    clip = bool(base.scheduler.config.get("clip_sample", True))
+    rows = []
+    for name in names:
+        if name == "paper":
+            paper = build(paper_sampler_spec(type(model)), Sampler, "sampler")
+            rows.append(("paper", paper.replace(num_steps=paper_steps or paper.num_steps, **keep)))
+        elif name == "ddim":
+            for n in steps:
+                sched = spec(DDIMScheduler, timestep_spacing="trailing", clip_sample=clip)
+                rows.append(("ddim", Sampler(sched, num_steps=n, eta=0.0, **keep)))
+        elif name == "dpmpp":
+            for n in steps:
+                sched = spec("diffusers.DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+                             timestep_spacing="trailing", thresholding=clip, sample_max_value=1.0)
+                rows.append(("dpmpp", Sampler(sched, num_steps=n, **keep)))
+        else:
+            raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
+    return rows
+
+
+def available_metrics(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """PSNR/SSIM plus the optional metrics whose weights are on this machine; ``{metric: reason}`` for the
+    ones left out (`MissingWeightsError` message)."""
+    from genvs.eval.metrics import MissingWeightsError, NVSMetrics
+
+    names, missing = ["psnr", "ssim"], {}
+    for m in requested if requested is not None else OPTIONAL_METRICS:
+        if m in names:
+            continue
+        try:
+            NVSMetrics(metrics=[m])
+            names.append(m)
+        except MissingWeightsError as e:
+            missing[m] = str(e).splitlines()[0]
+    return names, missing
+
+
+def build_datamodule(config: dict, args) -> Any:
+    """The config's datamodule on the test split: ``--num-scenes`` scenes, ``--num-targets`` targets each
+    (whole rings for panorama datamodules), no worker processes."""
+    import copy
+    import importlib
+
+    from genvs.core.config import build
+    from genvs.data.module import NVSDataModule
+
+    data = copy.deepcopy(config.get("data"))
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"{args.config}: needs a `data:` section with class_path / init_args")
+    init = data.setdefault("init_args", {})
+    if args.data_root:
+        init["root"] = args.data_root
+    init["num_workers"] = 0
+    if args.batch_size:
+        init["batch_size"] = args.batch_size
+    module, _, name = data["class_path"].rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    if "num_test_scenes" in params:  # whole-ring datamodules (panoramas): every view of the first scenes
+        init["num_test_scenes"] = args.num_scenes
+    else:  # view protocols (`genvs.data.EvalProtocol`)
+        protocol = dict(init.get("test_protocol") or {})
+        if args.input_views is not None:
+            protocol["input_views"] = args.input_views
+        protocol.setdefault("input_views", [64])
+        protocol["num_scenes"] = args.num_scenes
+        protocol["num_targets"] = args.num_targets
+        init["test_protocol"] = protocol
+    dm = build(data, NVSDataModule, "data")
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[str, Any]:
+    """Generate every test batch with ``sampler`` and score it; wall time of generation only."""
+    import torch
+
+    from genvs.eval.metrics import NVSMetrics
+
+    scorer = NVSMetrics(metrics=metrics).to(device)
+    seconds, views = 0.0, 0
+    for i, batch in enumerate(loader):
+        batch = batch.to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        _, pred = model.generate(batch, i, sampler=sampler)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t
+        views += pred.B * pred.V
+        scorer.update(pred.images.float(), batch.targets.images.float())
+    scores = scorer.compute()
+    return {**scores, "seconds_per_view": seconds / max(views, 1), "num_views": views, "generation_s": seconds,
+            "notes": list(scorer.notes)}
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def markdown(data: dict) -> str:
+    cols = ["psnr", "ssim"] + [m for m in OPTIONAL_METRICS if any(m in r for r in data["rows"])]
+    head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
+    lines = [
+        f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
+        f"checkpoint `{data['checkpoint']}`, {data['device']}, {data['date']})"
+        + (f"; not measured (no local weights): {', '.join(sorted(data['missing_metrics']))}" if data["missing_metrics"] else ""),
+        "",
+        "| sampler | scheduler | steps | " + " | ".join(head[c] for c in cols) + " | s / view | faster than paper |",
+        "|---|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    ref = next((r for r in data["rows"] if r["sampler"] == "paper"), None)
+    for r in data["rows"]:
+        cells = [f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in r else "n/a" for c in cols]
+        speed = f"{ref['seconds_per_view'] / r['seconds_per_view']:.1f}x" if ref else "–"
+        lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | " + " | ".join(cells)
+                     + f" | {r['seconds_per_view']:.2f} | {speed} |")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path | None = None) -> None:
+    """Regenerate the samplers block of benchmarks/README.md from every ``results/samplers_*.json``."""
+    readme = readme or HERE / "README.md"
+    blocks = []
+    for f in sorted(RESULTS.glob("samplers_*.json")):
+        data = json.loads(f.read_text())
+        if data.get("development_run"):
+            continue
+        blocks.append(f"`results/{f.name}`: " + markdown(data))
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    readme.write_text(_bench_run().replace_block(text, "samplers", "\n\n".join(blocks) or "(no results yet)"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="the run's config YAML (its data section gives the test set)")
+    ap.add_argument("--ckpt", required=True, help="a genvs checkpoint (.ckpt) of that run")
+    ap.add_argument("--num-scenes", type=int, default=4, help="test scenes (first N)")
+    ap.add_argument("--num-targets", type=int, default=4, help="target views per scene")
+    ap.add_argument("--input-views", type=int, nargs="+", default=None,
+                    help="conditioning views (default: the config's test_protocol, else [64] as SRN)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 256], help="steps of the fast samplers")
+    ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    ap.add_argument("--paper-steps", type=int, default=None, help="steps of the paper sampler (default: its own)")
+    ap.add_argument("--metrics", nargs="*", default=None,
+                    help=f"optional metrics among {OPTIONAL_METRICS} (default: every one whose weights are present)")
+    ap.add_argument("--data-root", default=None, help="override data.init_args.root")
+    ap.add_argument("--batch-size", type=int, default=None, help="override data.init_args.batch_size")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--out", default=None, help="results JSON (default results/samplers_<method>_<dataset>.json)")
+    ap.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = ap.parse_args(argv)
+
+    import torch
+    import yaml
+
+    from genvs.callbacks import check_checkpoint
+    from genvs.core.config import to_spec
+
+    for flag, n in (("--num-scenes", args.num_scenes), ("--num-targets", args.num_targets)):
+        if n < 1:
+            ap.error(f"{flag} must be at least 1, got {n}")
+    if any(s < 1 for s in args.steps):
+        ap.error(f"--steps must be positive, got {args.steps}")
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        ap.error(f"--config {args.config}: no such file")
+    ckpt_path = check_checkpoint(args.ckpt)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cls = method_class(config, ckpt)
+    del ckpt
+    model = cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).to(device).eval()
+    dm = build_datamodule(config, args)
+    loader = dm.test_dataloader()
+    metrics, missing = available_metrics(args.metrics)
+    rows = []
+    for name, sampler in make_samplers(model, args.samplers, args.steps, args.paper_steps):
+        res = evaluate(model, loader, sampler, metrics, device)
+        row = {"sampler": name, "scheduler": type(sampler.scheduler).__name__, "steps": sampler.num_steps,
+               "guidance_scale": sampler.guidance_scale, "scheduler_spec": to_spec(sampler.scheduler), **res}
+        rows.append(row)
+        shown = ", ".join(f"{k} {row[k]:.4g}" for k in metrics if k in row)
+        print(f"{name:6s} {row['scheduler']:28s} {row['steps']:4d} steps: {shown}, {row['seconds_per_view']:.2f} s/view",
+              flush=True)
+    dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
+    data = {
+        "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": str(args.ckpt),
+        "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
+        "metrics": metrics, "missing_metrics": missing, "device": device, "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"), "rows": rows,
+    }
+    data["machine"] = _bench_run().machine()
+    out = Path(args.out) if args.out else RESULTS / f"samplers_{cls.__name__.lower()}_{dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)) + "\n")
+    out.with_suffix(".md").write_text(markdown(data) + "\n")
+    print(markdown(data))
+    if not args.no_readme:
+        write_readme()
+    print(f"wrote {out} and {out.with_suffix('.md')}" + ("" if args.no_readme else " and benchmarks/README.md"))
+    return data
+
+
+if __name__ == "__main__":
+    main()

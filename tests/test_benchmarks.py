@@ -1,0 +1,127 @@
+"""benchmarks/run.py and benchmarks/samplers.py on tiny references and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_TOY
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    key = f"genvs_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("run")
+
+
+def test_cpu_attention_flops_are_counted(bench):
+    """torch's FlopCounterMode has no formula for the CPU attention kernel; count_flops adds it."""
+    b, h, s, d = 2, 3, 40, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    with bench.count_flops() as fc:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert fc.get_total_flops() == 2 * (2 * b * h * s * s * d)  # QK^T and PV, 2 FLOPs per multiply-add
+    with bench.count_flops() as fc:
+        out.sum().backward()
+    # torch's convention for flash-attention backward (as on CUDA): recomputed scores, then dP, dV, dQ, dK
+    assert fc.get_total_flops() == 5 * (2 * b * h * s * s * d)
+
+
+def test_one_tiny_threedim_fp32(bench, capsys):
+    bench.main(["--one", "threedim", "fp32", "--tiny", "--repeats", "2", "--peak-seconds", "0.1"])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT ")][-1]
+    r = json.loads(line[len("RESULT "):])
+    assert r["method"] == "threedim" and r["variant"] == "fp32" and r["dtype"] == "fp32"
+    assert len(r["train_step_times"]) == 2 and len(r["eval_step_times"]) == 2
+    assert r["train_step_s"] == pytest.approx(sorted(r["train_step_times"])[0] / 2 + sorted(r["train_step_times"])[1] / 2)
+    assert r["train_samples_per_s"] == pytest.approx(r["samples_per_step"] / r["train_step_s"])
+    assert r["train_gflops"] == pytest.approx(r["train_tflop_per_step"] * 1e3 / r["train_step_s"])
+    # 3DiM guides (CFG 3.0): one sampling step runs the network on both branches
+    assert r["steps_per_view"] == 256 and r["net_images_per_eval"] == 2 * r["views_per_eval"] == 4
+    assert r["denoiser_evals_per_s"] == pytest.approx(r["net_images_per_eval"] / r["eval_step_s"])
+    expect = (256 * r["eval_step_s"] + r["sample_call_overhead_s"]) / r["views_per_eval"]
+    assert r["seconds_per_novel_view"] == pytest.approx(expect)
+    # a training step is forward + backward (~2x forward) of B pairs, a guided sampling step a forward of 2B
+    # pairs (~2/3 of it) less the pose embeddings, which the sampler computes once per target, not per step
+    ratio = r["eval_gflop_per_step"] / (r["train_tflop_per_step"] * 1e3)
+    assert 0.3 < ratio < 2 / 3
+    assert r["peak_train_gib"] > 0.1 and r["peak_memory_kind"] == "process max RSS"
+
+
+def test_parent_ratios_mfu_merge_and_tables(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def in_process(method, variant, device, repeats, tiny, timeout, peak_seconds):  # the subprocess, in process
+        calls.append((method, variant, tiny))
+        return bench.run_variant(method, variant, device, repeats, tiny, peak_seconds)
+
+    monkeypatch.setattr(bench, "run_child", in_process)
+    out = tmp_path / "res.json"
+    common = ["--tiny", "--repeats", "1", "--peak-seconds", "0.1", "--out", str(out), "--no-readme"]
+    bench.main(["--methods", "threedim", "--variants", "fp32", "fp32_cl", *common])
+    bench.main(["--methods", "threedim", "--variants", "fp32_cl", "--merge", *common])
+    assert calls == [("threedim", "fp32", True), ("threedim", "fp32_cl", True), ("threedim", "fp32_cl", True)]
+    data = json.loads(out.read_text())
+    assert len(data["sessions"]) == 2 and [r["variant"] for r in data["runs"]] == ["fp32", "fp32_cl"]
+    base, cl = data["runs"]
+    assert base["speedup_vs_fp32"] == 1.0 and base["eval_speedup_vs_fp32"] == 1.0
+    assert cl["speedup_vs_fp32"] == pytest.approx(base["train_step_s"] / cl["train_step_s"])
+    assert cl["session"] != base["session"] and cl["baseline_same_session"] is False
+    peak = data["machine_fp32_peak_gflops"]
+    assert peak >= max(r["cpu_fp32_matmul_gflops"] for r in data["runs"])
+    assert cl["mfu"] == pytest.approx(cl["train_gflops"] / peak)
+    table = bench.results_table(data)
+    assert "| threedim | fp32_cl |" in table and "fp32 baseline from another session" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\nkept text\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\nafter\n")
+    readme.write_text(bench.replace_block(readme.read_text(), "results", table))
+    text = readme.read_text()
+    assert "kept text" in text and "after" in text and "old" not in text and text.count("<!-- results:start -->") == 1
+
+
+def test_child_time_limit_is_reported(bench):
+    r = bench.run_child("threedim", "fp32", "cpu", 1, True, timeout=1.0)
+    assert r["failed"] == "timed out after 1 s" and r["method"] == "threedim"
+
+
+def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
+    samplers = _load("samplers")
+    _, ckpt, _ = trained
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"class_path": "genvs.data.ToyDataModule", "init_args": {
+        "root": str(toy_root), "toy": TINY_TOY.__dict__, "image_size": 32, "n_context": 1, "n_target": 1}}}))
+    out = tmp_path / "samplers.json"
+    data = samplers.main(["--config", str(config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "1",
+                          "--input-views", "0", "--steps", "2", "--paper-steps", "2", "--out", str(out), "--no-readme"])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    assert data["method"] == "ThreeDiM" and data["num_views"] == 1
+    assert set(data["missing_metrics"]) == {"lpips", "fid", "kid"}  # no weights under the tests' TORCH_HOME
+    rows = {r["sampler"]: r for r in data["rows"]}
+    assert [r["sampler"] for r in data["rows"]] == ["paper", "ddim", "dpmpp"]
+    assert rows["paper"]["scheduler"] == "DDPMScheduler" and rows["ddim"]["scheduler"] == "DDIMScheduler"
+    assert rows["dpmpp"]["scheduler"] == "DPMSolverMultistepScheduler"
+    assert rows["dpmpp"]["scheduler_spec"]["init_args"]["algorithm_type"] == "dpmsolver++"
+    assert all(r["steps"] == 2 and r["num_views"] == 1 and r["seconds_per_view"] > 0 for r in rows.values())
+    assert all(r["guidance_scale"] == 2.0 for r in rows.values())  # the checkpoint's (configs/3dim_toy.yaml)
+    assert all(0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 for r in rows.values())
+    # two steps of DPM-Solver++ with a first-order final step are DDIM on the same timesteps and seeds
+    assert rows["dpmpp"]["psnr"] == pytest.approx(rows["ddim"]["psnr"], abs=1e-3)
+    md = out.with_suffix(".md").read_text()
+    assert "| dpmpp | DPMSolverMultistepScheduler | 2 |" in md and "no local weights" in md
