@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
@@ -20,6 +21,7 @@ from genvs.core.views import Views
 __all__ = [
     "views_grid",
     "save_gif",
+    "save_mp4",
     "colorize_depth",
     "PredictionWriter",
     "AtomicCheckpointIO",
@@ -46,6 +48,37 @@ def save_gif(frames: Tensor, path: str | Path, fps: int = 8) -> None:
     arr = (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
     images = [Image.fromarray(a) for a in arr]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def _require_av():
+    try:
+        import av
+    except ImportError as e:  # optional: PyAV bundles FFmpeg, a large wheel most runs do not need
+        raise ImportError(
+            "writing MP4 needs PyAV: pip install 'genvs[video]' (or pip install av), "
+            "or turn MP4 off with --predict_writer.mp4 false"
+        ) from e
+    return av
+
+
+def save_mp4(frames: Tensor, path: str | Path, fps: int = 8, crf: int = 18) -> None:
+    """Write ``[N, 3, H, W]`` frames in [-1, 1] as an H.264 MP4 (yuv420p, so it plays in browsers and
+    slide decks; an odd height or width is padded by one white pixel, as yuv420p needs even sizes).
+    ``crf`` is x264's quality (0 = lossless, 18 = visually lossless, 23 = its default)."""
+    av = _require_av()
+    arr = (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
+    n, h, w, _ = arr.shape
+    if h % 2 or w % 2:
+        padded = np.full((n, h + h % 2, w + w % 2, 3), 255, dtype=np.uint8)
+        padded[:, :h, :w] = arr
+        arr = padded
+    codec = "libx264" if "libx264" in av.codecs_available else "h264"
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=fps, options={"crf": str(crf)})
+        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+        for a in arr:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        out.mux(stream.encode())  # flush the encoder's delayed frames
 
 
 # inferno-like anchors (dark = far, bright = near), linearly interpolated
@@ -87,19 +120,26 @@ class PredictionWriter(L.Callback):
                             /grid.png          context | generated | ground truth
                             /orbit.gif         the generated views in order, or the ``"orbit"`` views a
                                                method returns (e.g. DFM renders an orbit of its scene)
+                            /orbit.mp4         the same frames as an H.264 video (``mp4=True``)
                             /<name>.png        any other ``[B, 3, H, W]`` image the model returns under
                                                ``<name>`` (e.g. MVDiffusion's stitched ``panorama``)
 
     Args:
         output_dir: where to write (default: ``<trainer.default_root_dir>/predictions``).
         gif: write the orbit GIF.
-        fps: GIF frame rate.
+        mp4: also write it as an MP4 video (needs PyAV: ``pip install 'genvs[video]'``).
+        fps: frame rate of the GIF and the MP4.
     """
 
-    def __init__(self, output_dir: str | None = None, gif: bool = True, fps: int = 8):
+    def __init__(self, output_dir: str | None = None, gif: bool = True, mp4: bool = False, fps: int = 8):
         super().__init__()
+        if mp4:
+            _require_av()  # fail before any sampling, not after the first batch
+        if fps < 1:
+            raise ValueError(f"predict_writer.fps must be a positive frame rate, got {fps}")
         self.output_dir = output_dir
         self.gif = gif
+        self.mp4 = mp4
         self.fps = fps
 
     def _root(self, trainer: L.Trainer) -> Path:
@@ -137,6 +177,8 @@ class PredictionWriter(L.Callback):
             frames = orbit.images[b] if orbit is not None else pred.images[b]
             if self.gif and len(frames) > 1:
                 save_gif(frames, folder / "orbit.gif", self.fps)
+            if self.mp4 and len(frames) > 1:
+                save_mp4(frames, folder / "orbit.mp4", self.fps)
             for name, image in outputs.items():  # extra per-scene images, e.g. a stitched panorama
                 if isinstance(image, Tensor) and image.ndim == 4 and image.shape[:2] == (pred.B, 3):
                     save_image(_to_unit(image[b]), folder / f"{name}.png")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_args
@@ -103,11 +105,54 @@ def test_predict_from_your_own_image(trained, toy_root, tmp_path):
         "predict", *tiny_args(toy_root, out), "--ckpt_path", str(ckpt),
         "--data", "genvs.data.ImageOrbitDataModule", "--data.images", json.dumps([str(image)]),
         "--data.num_views", "5", "--data.image_size", "32", "--predict_writer.output_dir", str(dest),
+        "--predict_writer.mp4", "true",
     ]) == 0
     folder = dest / "000000"
     assert len(list(folder.glob("view_*.png"))) == 5 and (folder / "orbit.gif").exists()
     assert not list(folder.glob("gt_*.png"))  # no ground truth for your own image
     assert Image.open(folder / "orbit.gif").n_frames == 5
+    # the MP4 holds the same five views, in order: compare luma (yuv420p keeps it at full resolution but
+    # halves chroma, which is far off for the noise-like views of a 4-step model)
+    import av
+
+    with av.open(str(folder / "orbit.mp4")) as video:
+        frames = [f.to_ndarray(format="rgb24").astype(float) for f in video.decode(video=0)]
+    views = [np.asarray(Image.open(p).convert("RGB"), dtype=float) for p in sorted(folder.glob("view_*.png"))]
+    assert len(frames) == 5 and frames[0].shape == views[0].shape
+    luma = np.array([0.299, 0.587, 0.114])
+    errors = np.array([[np.abs(f @ luma - v @ luma).mean() for v in views] for f in frames])
+    assert (errors.argmin(axis=1) == np.arange(5)).all() and errors.diagonal().max() < 6
+
+
+def test_save_mp4_round_trip_and_odd_sizes(tmp_path):
+    import av
+
+    from genvs.callbacks import save_mp4
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(6, 3, 1, 1, generator=g).expand(6, 3, 17, 23) * 2 - 1  # flat colours, odd size
+    save_mp4(frames, tmp_path / "v.mp4", fps=5)
+    with av.open(str(tmp_path / "v.mp4")) as video:
+        stream = video.streams.video[0]
+        assert (stream.width, stream.height) == (24, 18) and stream.average_rate == 5
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in video.decode(video=0)]).astype(float)
+    expected = ((frames[:, :, 0, 0] + 1) / 2 * 255).numpy()  # [6, 3]
+    assert decoded.shape == (6, 18, 24, 3)
+    # yuv420p rounds colours a little; the pad column/row is white (in luma: chroma is shared by 2x2 blocks)
+    assert np.abs(decoded[:, 4:14, 4:18].mean(axis=(1, 2)) - expected).max() < 6
+    luma = decoded @ np.array([0.299, 0.587, 0.114])
+    assert luma[:, :, -1].min() > 225 and luma[:, -1, :].min() > 225
+
+
+def test_mp4_without_pyav_says_how_to_install(monkeypatch):
+    import sys
+
+    from genvs.callbacks import PredictionWriter
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
+    with pytest.raises(ImportError, match=r"genvs\[video\].*--predict_writer.mp4 false"):
+        PredictionWriter(mp4=True)
+    PredictionWriter(mp4=False)  # GIF only needs nothing extra
 
 
 def test_predict_orbit_of_a_dataset_scene(trained, toy_root, tmp_path):
