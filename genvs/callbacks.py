@@ -35,6 +35,11 @@ def _to_unit(x: Tensor) -> Tensor:
     return (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
 
 
+def _to_uint8_frames(frames: Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [-1, 1] -> ``[N, H, W, 3]`` uint8, rounded (what GIF and MP4 writers take)."""
+    return (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
 def views_grid(context: Tensor, pred: Tensor, target: Tensor | None = None, pad: int = 2) -> Tensor:
     """``[3, H', W']`` grid in [0, 1]: one row per scene with its context views, then the generated
     views, then (if given) the ground truth. Inputs are ``[B, V, 3, H, W]`` in [-1, 1]."""
@@ -45,7 +50,7 @@ def views_grid(context: Tensor, pred: Tensor, target: Tensor | None = None, pad:
 
 def save_gif(frames: Tensor, path: str | Path, fps: int = 8) -> None:
     """Write ``[N, 3, H, W]`` frames in [-1, 1] as a looping GIF."""
-    arr = (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
+    arr = _to_uint8_frames(frames)
     images = [Image.fromarray(a) for a in arr]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
@@ -66,7 +71,7 @@ def save_mp4(frames: Tensor, path: str | Path, fps: int = 8, crf: int = 18) -> N
     slide decks; an odd height or width is padded by one white pixel, as yuv420p needs even sizes).
     ``crf`` is x264's quality (0 = lossless, 18 = visually lossless, 23 = its default)."""
     av = _require_av()
-    arr = (_to_unit(frames).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
+    arr = _to_uint8_frames(frames)
     n, h, w, _ = arr.shape
     if h % 2 or w % 2:
         padded = np.full((n, h + h % 2, w + w % 2, 3), 255, dtype=np.uint8)
