@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -22,6 +23,29 @@ def test_toy_is_deterministic_and_seeded(tmp_path, toy_root):
     c = np.asarray(Image.open(other / "train/toy_train_00001/rgb/000002.png"))
     assert not np.array_equal(a, c)
     assert a.shape == (32, 32, 3) and 0.05 < (a < 250).any(-1).mean() < 0.95  # an object on white
+
+
+def test_toy_patterns_primitives_and_scale_settings(tmp_path):
+    """The generator's knobs do what they say: only the chosen patterns, the primitive count, the size."""
+    from genvs.data.toy import random_object
+
+    g = torch.Generator().manual_seed(3)
+    objs = [random_object(g, 2, 3, scale=1.0, patterns=["solid"]) for _ in range(30)]
+    assert {p.pattern for o in objs for p in o} == {"solid"}
+    assert {len(o) for o in objs} == {2, 3}
+    g = torch.Generator().manual_seed(3)
+    big = [random_object(g, 2, 3, scale=2.0, patterns=["solid"]) for _ in range(30)]
+    for small, large in zip(objs, big):  # same draws, every length doubled
+        for a, b in zip(small, large):
+            assert torch.allclose(b.center, 2 * a.center) and torch.allclose(b.size, 2 * a.size)
+    # the settings reach the written dataset and its record (a change regenerates it)
+    cfg = ToyConfig(**{**TINY_TOY.__dict__, "patterns": ["solid"], "num_objects": {"train": 1}, "supersample": 1})
+    root = generate_toy_dataset(tmp_path / "solid", cfg, progress=False)
+    assert json.loads((root / "toy.json").read_text())["patterns"] == ["solid"]
+    with pytest.raises(ValueError, match=r"toy.patterns=\['marble'\]: choose one or more of"):
+        ToyConfig(patterns=["marble"])
+    with pytest.raises(ValueError, match="toy.min_primitives=3, toy.max_primitives=2"):
+        ToyConfig(min_primitives=3, max_primitives=2)
 
 
 def test_toy_depth_is_geometrically_consistent(toy_root):

@@ -52,6 +52,18 @@ class ToyConfig:
     radius: float = 1.3
     fov_deg: float = 51.98  # SRN cars: f = 131.25 px at 128 px
     supersample: int = 2
+    patterns: list[str] = dataclasses.field(default_factory=lambda: ["solid", "checker", "stripes", "dots"])
+    object_scale: float = 1.3  # objects fit in a sphere of radius ~0.55 * object_scale
+
+    def __post_init__(self):
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad or not self.patterns:
+            raise ValueError(f"toy.patterns={self.patterns!r}: choose one or more of {list(PATTERNS)}")
+        if not 1 <= self.min_primitives <= self.max_primitives:
+            raise ValueError(
+                f"toy.min_primitives={self.min_primitives}, toy.max_primitives={self.max_primitives}: "
+                "need 1 <= min_primitives <= max_primitives"
+            )
 
 
 # ----------------------------------------------------------------------------------- scene model
@@ -86,9 +98,14 @@ class Primitive:
 
 
 def random_object(
-    generator: torch.Generator, min_primitives: int = 2, max_primitives: int = 4, scale: float = 1.3
+    generator: torch.Generator,
+    min_primitives: int = 2,
+    max_primitives: int = 4,
+    scale: float = 1.3,
+    patterns: tuple[str, ...] | list[str] = PATTERNS,
 ) -> list[Primitive]:
-    """A random composite object inside a sphere of radius ~0.7 around the origin."""
+    """A random composite object inside a sphere of radius ~0.55 * ``scale`` around the origin, its
+    materials' patterns drawn from ``patterns``."""
 
     def u(lo=0.0, hi=1.0):
         return lo + (hi - lo) * float(torch.rand((), generator=generator))
@@ -121,7 +138,7 @@ def random_object(
                 yaw=u(0, math.pi),
                 color=(PALETTE[c1] + jitter).clamp(0, 1),
                 color2=PALETTE[c2],
-                pattern=pick(PATTERNS),
+                pattern=pick(patterns),
                 frequency=u(4.0, 9.0),
             )
         )
@@ -283,7 +300,7 @@ def generate_toy_dataset(root: str | Path, cfg: ToyConfig | None = None, progres
     for split in splits:
         for i in range(cfg.num_objects[split]):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_OFFSETS.get(split, 3) * 100_003 + i)
-            prims = random_object(g, cfg.min_primitives, cfg.max_primitives)
+            prims = random_object(g, cfg.min_primitives, cfg.max_primitives, cfg.object_scale, cfg.patterns)
             nv = cfg.num_views[split]
             if split == "train":
                 poses = sphere_poses(nv, cfg.radius, generator=g, min_elevation_deg=5.0)
