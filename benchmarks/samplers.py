@@ -57,6 +57,16 @@ SAMPLERS = ("paper", "ddim", "dpmpp")
 OPTIONAL_METRICS = ("lpips", "fid", "kid")
 
 
+def _portable(path: str) -> str:
+    """``path`` as recorded in results: relative to the working directory, else its run-relative tail
+    (``<run>/.../checkpoints/<file>``), so committed results never name a machine's folders."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*p.parts[-5:]))
+
+
 def method_class(config: dict, ckpt: dict) -> type:
     """The model class: the checkpoint's recorded method, else the config's ``model.class_path``."""
     import importlib
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
-        "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": str(args.ckpt),
+        "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
         "metrics": metrics, "missing_metrics": missing, "device": device, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"), "rows": rows,
