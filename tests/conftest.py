@@ -47,6 +47,13 @@ def _seed():
 CONFIG_3DIM_TOY = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
 
 
+# the toy config's protocols condition on views the tiny dataset's 6-8 views lack
+TINY_PROTOCOL_ARGS = [
+    "--data.init_args.val_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 2}),
+    "--data.init_args.test_protocol", json.dumps({"input_views": [0], "num_targets": 3}),
+]
+
+
 def tiny_args(toy_root: Path, out: Path) -> list[str]:
     """`genvs` arguments for a tiny 3DiM on the tiny procedural dataset (fast on a CPU)."""
     return [
@@ -57,8 +64,7 @@ def tiny_args(toy_root: Path, out: Path) -> list[str]:
         "--data.init_args.toy", json.dumps(TINY_TOY.__dict__),
         "--data.init_args.num_workers", "0",
         "--data.init_args.batch_size", "4",
-        "--data.init_args.val_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 2}),
-        "--data.init_args.test_protocol", json.dumps({"input_views": [0], "num_targets": 3}),
+        *TINY_PROTOCOL_ARGS,
         "--data.init_args.predict_protocol", json.dumps({"input_views": [0], "num_scenes": 2, "num_targets": 3}),
         "--trainer.default_root_dir", str(out),
         "--trainer.enable_progress_bar", "false",

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TOY, TINY_XUNET
+from conftest import TINY_PROTOCOL_ARGS, TINY_TOY, TINY_XUNET
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_fit.py"
 CONFIG = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
@@ -41,6 +41,7 @@ def fit_args(toy_root: Path, out: Path, processes: int, *extra: str, network: di
         # SGD, no warmup: see the module docstring
         "--model.init_args.optim", json.dumps({"name": "SGD", "lr": 0.1, "momentum": 0.5, "warmup_steps": 0}),
         "--data.init_args.root", str(toy_root), "--data.init_args.toy", json.dumps(TINY_TOY.__dict__),
+        *TINY_PROTOCOL_ARGS,
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", str(GLOBAL_BATCH // processes),
         "--trainer.accelerator", "cpu", "--trainer.devices", str(processes),
         "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",

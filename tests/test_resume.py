@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TOY, TINY_XUNET
+from conftest import TINY_PROTOCOL_ARGS, TINY_TOY, TINY_XUNET
 from genvs.callbacks import CheckpointError, check_checkpoint
 from genvs.cli import find_last_checkpoint
 
@@ -26,6 +26,7 @@ def fit_args(toy_root: Path, out: Path) -> list[str]:
         "fit", "--config", str(CONFIG),
         "--model.init_args.network.init_args", json.dumps({**TINY_XUNET, "dropout": 0.1}),
         "--data.init_args.root", str(toy_root), "--data.init_args.toy", json.dumps(TINY_TOY.__dict__),
+        *TINY_PROTOCOL_ARGS,
         "--data.init_args.num_workers", "1", "--data.init_args.batch_size", "2",
         "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
         "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
