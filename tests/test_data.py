@@ -42,10 +42,13 @@ def test_toy_patterns_primitives_and_scale_settings(tmp_path):
     cfg = ToyConfig(**{**TINY_TOY.__dict__, "patterns": ["solid"], "num_objects": {"train": 1}, "supersample": 1})
     root = generate_toy_dataset(tmp_path / "solid", cfg, progress=False)
     assert json.loads((root / "toy.json").read_text())["patterns"] == ["solid"]
-    with pytest.raises(ValueError, match=r"toy.patterns=\['marble'\]: choose one or more of"):
+    with pytest.raises(DatasetError, match=r"toy.patterns=\['marble'\]: choose one or more of"):
         ToyConfig(patterns=["marble"])
-    with pytest.raises(ValueError, match="toy.min_primitives=3, toy.max_primitives=2"):
+    with pytest.raises(DatasetError, match="toy.min_primitives=3, toy.max_primitives=2"):
         ToyConfig(min_primitives=3, max_primitives=2)
+    with pytest.raises(DatasetError, match="toy.object_scale=0.0: must be positive"):
+        ToyConfig(object_scale=0.0)
+    assert ToyConfig().patterns == ["solid", "checker", "stripes", "dots"]  # every pattern by default
 
 
 def test_toy_depth_is_geometrically_consistent(toy_root):

@@ -40,7 +40,7 @@ __all__ = [
 
 
 class DatasetError(ValueError):
-    """Bad or missing dataset files. The message names the file and the fix."""
+    """Bad or missing dataset files (or generator settings). The message names the file or setting and the fix."""
 
 
 class MissingDataError(DatasetError, FileNotFoundError):

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, ring_poses, sphere_poses
+from genvs.data.srn import DatasetError
 
 __all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "ensure_toy_dataset"]
 
@@ -52,18 +53,20 @@ class ToyConfig:
     radius: float = 1.3
     fov_deg: float = 51.98  # SRN cars: f = 131.25 px at 128 px
     supersample: int = 2
-    patterns: list[str] = dataclasses.field(default_factory=lambda: ["solid", "checker", "stripes", "dots"])
+    patterns: list[str] = dataclasses.field(default_factory=lambda: list(PATTERNS))  # all of them
     object_scale: float = 1.3  # objects fit in a sphere of radius ~0.55 * object_scale
 
     def __post_init__(self):
         bad = [p for p in self.patterns if p not in PATTERNS]
         if bad or not self.patterns:
-            raise ValueError(f"toy.patterns={self.patterns!r}: choose one or more of {list(PATTERNS)}")
+            raise DatasetError(f"toy.patterns={self.patterns!r}: choose one or more of {list(PATTERNS)}")
         if not 1 <= self.min_primitives <= self.max_primitives:
-            raise ValueError(
+            raise DatasetError(
                 f"toy.min_primitives={self.min_primitives}, toy.max_primitives={self.max_primitives}: "
                 "need 1 <= min_primitives <= max_primitives"
             )
+        if not self.object_scale > 0:
+            raise DatasetError(f"toy.object_scale={self.object_scale}: must be positive (1.3 is the default size)")
 
 
 # ----------------------------------------------------------------------------------- scene model
