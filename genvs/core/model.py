@@ -13,7 +13,8 @@ A method subclasses `BaseNVSModel` and provides only what differs (**must implem
 
 **Optional hooks** (override and call ``super()`` where it has one): `generate` (what evaluation feeds to
 `sample`), `predict_step` (extra outputs such as orbits or panoramas), `log_image_grid`,
-`configure_optimizers` (parameter groups), the class attribute ``prediction``, and any Lightning hook.
+`configure_optimizers` (parameter groups), `sampler_description` (the sampler column of results tables),
+the class attribute ``prediction``, and any Lightning hook.
 
 **Guaranteed by the base**: the optimizer and LR warmup/schedule (`OptimConfig`), EMA weights (updated
 after every optimizer step, used for sampling in validation/test/predict, saved in and restored from
@@ -688,6 +689,7 @@ class BaseNVSModel(L.LightningModule):
         """Public. Write this test run as a results table (Markdown, CSV, JSON with seed, commit, config,
         versions) under ``evaluation.results_dir``; returns the paths by format (``md``, ``csv``, ``json``)."""
         data = self._data_description()
+        sampler, steps = self.sampler_description()
         method = type(self).__name__
         dataset = data.get("name", "unknown")
         result = Result.create(
@@ -695,8 +697,8 @@ class BaseNVSModel(L.LightningModule):
             dataset=dataset,
             metrics=scores,
             checkpoint=str(self._trainer.ckpt_path or "") if self._trainer is not None else "",
-            sampler=type(self.sampler.scheduler).__name__,
-            steps=self.sampler.num_steps,
+            sampler=sampler,
+            steps=steps,
             wall_time_s=round(wall_time, 2),
             seed=self.sample_seed,
             meta={
@@ -714,6 +716,10 @@ class BaseNVSModel(L.LightningModule):
         paths = results_table([result], title=f"{method} on {dataset}").save(prefix)
         self.print(f"genvs: results written to {paths['md']}\n" + paths["md"].read_text())
         return paths
+
+    def sampler_description(self) -> tuple[str, int]:
+        """Optional hook. (sampler name, denoising steps) as the results tables show them."""
+        return type(self.sampler.scheduler).__name__, self.sampler.num_steps
 
     def _run_environment(self) -> dict[str, Any]:
         """What else decides the numbers bit for bit: seeds, device, precision, threads, determinism flags."""

@@ -40,6 +40,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "mvdiffusion": "genvs.methods.mvdiffusion:MVDiffusion",
     "warping": "genvs.methods.warping:WarpingRGBD",
     "dfm": "genvs.methods.dfm:DFM",
+    "copy_input": "genvs.methods.baselines:CopyInput",
 }
 
 
