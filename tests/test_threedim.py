@@ -161,3 +161,53 @@ def test_precomputed_pose_embeddings_match_the_direct_path():
     pose = [torch.stack([torch.cat([c[:1], f0]), torch.cat([t[:1], f1])], 1).flatten(0, 1)
             for c, t, f0, f1 in zip(cond, tgt, free[0], free[1])]
     torch.testing.assert_close(net(x, z, lam, None, mask, pose=pose), direct, atol=1e-5, rtol=1e-5)
+
+
+def _diagnostic_views(B=3):
+    """Toy-like pairs: a coloured square (the object) on white, in both frames."""
+    v = pair_views(B)
+    images = torch.ones(B, 2, 3, 32, 32)
+    images[:, 0, :, 8:16, 8:20] = torch.tensor([-1.0, 0.2, 0.5])[:, None, None]  # 8 x 12 object in the input view
+    images[:, 1, :, 16:28, 12:28] = torch.tensor([0.5, -1.0, 0.2])[:, None, None]
+    return v.with_images(images).split()
+
+
+def test_diagnostics_uniform_cross_attention_reads_the_object_share():
+    from genvs.methods.threedim.diagnostics import cross_attention_stats
+
+    m = tiny_model().eval()
+    perturb_zero_init(m.denoiser)
+    crosses = [b for b in m.denoiser.modules() if getattr(b, "kind", None) == "cross"]
+    with torch.no_grad():
+        for b in crosses:  # q = 0: every query weighs every key equally
+            b.q.weight.zero_()
+            b.q.bias.zero_()
+    m.use_ema_for_eval = False  # the weights set here, not the EMA's
+    stats = cross_attention_stats(m, *_diagnostic_views())
+    assert len(stats) == len(crosses) > 0
+    for s in stats:
+        assert s.entropy == pytest.approx(math.log(s.resolution**2), abs=1e-4) == pytest.approx(s.uniform_entropy)
+        share = (8 * 12) / 32**2  # the object covers whole tokens at 16 and 8 px (grid-aligned)
+        assert s.object_share == pytest.approx(share)
+        assert s.object_mass_inside == pytest.approx(share, abs=1e-5)
+        assert s.object_mass_outside == pytest.approx(share, abs=1e-5)
+
+
+def test_diagnostics_conditioning_gain_sees_whether_the_input_view_is_read():
+    from genvs.methods.threedim.diagnostics import conditioning_gain
+
+    m = tiny_model().eval()
+    perturb_zero_init(m.denoiser)
+    m.use_ema_for_eval = False
+    context, target = _diagnostic_views()
+    context = context.with_images(context.images * torch.tensor([1.0, -1.0, 0.5]).view(3, 1, 1, 1, 1))  # 3 different inputs
+    gain = conditioning_gain(m, context, target, logsnrs=(-4.0, 0.0))
+    assert set(gain) == {-4.0, 0.0}
+    assert all(right != other for right, other in gain.values())
+    with torch.no_grad():  # cut the only path between the frames: the input view no longer matters
+        for b in m.denoiser.modules():
+            if getattr(b, "kind", None) == "cross":
+                b.out.weight.zero_()
+                b.out.bias.zero_()
+    for right, other in conditioning_gain(m, context, target, logsnrs=(-4.0, 0.0)).values():
+        assert right == pytest.approx(other, abs=1e-6)
