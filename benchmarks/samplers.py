@@ -7,7 +7,8 @@ their weights are on this machine) and wall time per generated view, for
 - ``dpmpp``: diffusers' ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, 2nd order),
   "trailing" spacing,
 
-each at every ``--steps`` (the paper sampler at its own step count, ``--paper-steps``). Only the scheduler
+each at every ``--steps`` (the paper sampler at its own step count, ``--paper-steps``), and the ``copy_input``
+baseline (`genvs.methods.baselines.CopyInput`) on the same views as the last row. Only the scheduler
 and the step count change between rows: guidance scale and noise temperature are the checkpoint's, the
 method's sampling procedure (3DiM's stochastic conditioning, DFM's dynamic thresholding, the warping
 model's x0 guidance, MVDiffusion's joint ring) is the model's own, and every row starts from the same
@@ -133,8 +134,13 @@ def available_metrics(requested: list[str] | None) -> tuple[list[str], dict[str,
             NVSMetrics(metrics=[m])
             names.append(m)
         except MissingWeightsError as e:
-            missing[m] = str(e).splitlines()[0]
+            missing[m] = _without_machine_paths(str(e).splitlines()[0])
     return names, missing
+
+
+def _without_machine_paths(text: str) -> str:
+    """``text`` with this checkout's folder written ``<repo>`` and the home folder ``~`` (results are committed)."""
+    return text.replace(str(ROOT), "<repo>").replace(str(Path.home()), "~")
 
 
 def build_datamodule(config: dict, args) -> Any:
@@ -218,6 +224,10 @@ def markdown(data: dict) -> str:
         speed = f"{ref['seconds_per_view'] / r['seconds_per_view']:.1f}x" if ref else "–"
         lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | " + " | ".join(cells)
                      + f" | {r['seconds_per_view']:.2f} | {speed} |")
+    if data.get("baseline"):  # what no sampler should fall below
+        b = data["baseline"]
+        cells = [f"{b[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in b else "n/a" for c in cols]
+        lines.append("| copy the input view (baseline) | – | 0 | " + " | ".join(cells) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -287,12 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
         shown = ", ".join(f"{k} {row[k]:.4g}" for k in metrics if k in row)
         print(f"{name:6s} {row['scheduler']:28s} {row['steps']:4d} steps: {shown}, {row['seconds_per_view']:.2f} s/view",
               flush=True)
+    from genvs.methods.baselines import CopyInput
+
+    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device)  # the same views, copied
+    print(f"copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
         "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
         "metrics": metrics, "missing_metrics": missing, "device": device, "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"), "rows": rows,
+        "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": {"method": "copy_input", **baseline},
     }
     data["machine"] = _bench_run().machine()
     out = Path(args.out) if args.out else RESULTS / f"samplers_{cls.__name__.lower()}_{dataset}.json"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -113,6 +115,7 @@ def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert data["method"] == "ThreeDiM" and data["num_views"] == 1
     assert set(data["missing_metrics"]) == {"lpips", "fid", "kid"}  # no weights under the tests' TORCH_HOME
+    assert not any(str(Path.home()) in m or str(BENCH.parent) in m for m in data["missing_metrics"].values())
     rows = {r["sampler"]: r for r in data["rows"]}
     assert [r["sampler"] for r in data["rows"]] == ["paper", "ddim", "dpmpp"]
     assert rows["paper"]["scheduler"] == "DDPMScheduler" and rows["ddim"]["scheduler"] == "DDIMScheduler"
@@ -125,3 +128,11 @@ def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
     assert rows["dpmpp"]["psnr"] == pytest.approx(rows["ddim"]["psnr"], abs=1e-3)
     md = out.with_suffix(".md").read_text()
     assert "| dpmpp | DPMSolverMultistepScheduler | 2 |" in md and "no local weights" in md
+    # the copy baseline on the same view: input view 0 copied onto the target, PSNR by hand
+    batch = next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), argparse.Namespace(
+        data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=1, config=str(config))).test_dataloader()))
+    context, target = batch.split()
+    mse = float(((target.images - context.images[:, :1]) / 2).pow(2).mean())
+    assert data["baseline"]["method"] == "copy_input"
+    assert data["baseline"]["psnr"] == pytest.approx(-10 * math.log10(mse), abs=1e-4)
+    assert "| copy the input view (baseline) | – | 0 |" in md
