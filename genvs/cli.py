@@ -336,7 +336,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         DatasetError, ViewsError, CheckpointError, NonFiniteLossError, MissingWeightsError, TableError, UnknownMethodError,
     ]
     for module, name in (("genvs.methods.mvdiffusion.sd", "StableDiffusionError"),
-                         ("genvs.methods.warping.depth", "DepthWeightsNotFound")):
+                         ("genvs.methods.warping.depth", "DepthWeightsNotFound"),
+                         ("genvs.methods.baselines", "NothingToTrainError")):
         try:
             types.append(getattr(importlib.import_module(module), name))
         except Exception:  # noqa: BLE001 - a method that cannot be imported raises none of its errors

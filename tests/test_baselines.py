@@ -51,6 +51,8 @@ def test_copy_input_samples_the_chosen_view():
     assert torch.equal(CopyInput(choose="first").sample(context, targets).images[0, 0], images[0, 0])
     with pytest.raises(RuntimeError, match="nothing to train"):
         CopyInput().training_loss(context)
+    with pytest.raises(RuntimeError, match="nothing to train"):
+        CopyInput().configure_optimizers()
     with pytest.raises(ValueError, match="choose='closest'"):
         CopyInput(choose="closest")
 
@@ -70,3 +72,13 @@ def test_genvs_test_of_copy_input_scores_copying(toy_root, tmp_path):
     assert rec["metrics"]["num_images"] == len(psnrs) == 2 * 3
     assert rec["metrics"]["psnr"] == pytest.approx(sum(psnrs) / len(psnrs), abs=1e-4)
     assert float(cli.trainer.callback_metrics["test/psnr"]) == pytest.approx(rec["metrics"]["psnr"], abs=1e-5)
+
+
+def test_genvs_fit_of_copy_input_says_there_is_nothing_to_train(toy_root, tmp_path, capsys):
+    from genvs.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *tiny_args(toy_root, tmp_path), "--model", "copy_input", "--trainer.max_steps", "1"], friendly_errors=True)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "genvs: error: copy_input is a baseline with nothing to train" in err and "Traceback" not in err

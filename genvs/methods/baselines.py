@@ -19,7 +19,17 @@ from genvs.core.model import BaseNVSModel
 from genvs.core.samplers import Sampler
 from genvs.core.views import Views
 
-__all__ = ["CopyInput", "nearest_view"]
+__all__ = ["CopyInput", "NothingToTrainError", "nearest_view"]
+
+
+class NothingToTrainError(RuntimeError):
+    """A baseline was given to `genvs fit`."""
+
+
+_NOTHING_TO_TRAIN = (
+    "copy_input is a baseline with nothing to train: score it with `genvs test --model copy_input "
+    "--config <config>` (no --ckpt_path)"
+)
 
 
 def nearest_view(context_c2w: Tensor, target_c2w: Tensor) -> Tensor:
@@ -56,10 +66,10 @@ class CopyInput(BaseNVSModel):
         self.denoiser = nn.Module()  # no trainable parameters
 
     def training_loss(self, views: Views) -> dict[str, Tensor]:
-        raise RuntimeError(
-            "copy_input is a baseline with nothing to train: score it with `genvs test --model copy_input "
-            "--config <config>` (no --ckpt_path)"
-        )
+        raise NothingToTrainError(_NOTHING_TO_TRAIN)
+
+    def configure_optimizers(self):
+        raise NothingToTrainError(_NOTHING_TO_TRAIN)
 
     def sample(
         self,
