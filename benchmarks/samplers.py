@@ -219,15 +219,16 @@ def markdown(data: dict) -> str:
         "|---|---|---|" + "---|" * len(cols) + "---|---|",
     ]
     ref = next((r for r in data["rows"] if r["sampler"] == "paper"), None)
+
+    def cells(r: dict) -> list[str]:
+        return [f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in r else "n/a" for c in cols]
+
     for r in data["rows"]:
-        cells = [f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in r else "n/a" for c in cols]
         speed = f"{ref['seconds_per_view'] / r['seconds_per_view']:.1f}x" if ref else "–"
-        lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | " + " | ".join(cells)
+        lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | " + " | ".join(cells(r))
                      + f" | {r['seconds_per_view']:.2f} | {speed} |")
     if data.get("baseline"):  # what no sampler should fall below
-        b = data["baseline"]
-        cells = [f"{b[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in b else "n/a" for c in cols]
-        lines.append("| copy the input view (baseline) | – | 0 | " + " | ".join(cells) + " | – | – |")
+        lines.append("| copy the input view (baseline) | – | 0 | " + " | ".join(cells(data["baseline"])) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     from genvs.methods.baselines import CopyInput
 
     baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device)  # the same views, copied
-    print(f"copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
+    print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
         "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": _portable(args.ckpt),

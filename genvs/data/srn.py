@@ -132,6 +132,12 @@ def read_pose(path: Path) -> Tensor:
     return c2w
 
 
+def white_background_mask(images: Tensor) -> Tensor:
+    """``[..., 1, H, W]`` foreground mask of images ``[..., 3, H, W]`` in [-1, 1] on a white background:
+    every pixel that is not (nearly) white."""
+    return (images < 0.98).any(-3, keepdim=True).float()
+
+
 def read_image(path: Path, expect_hw: tuple[int, int] | None = None) -> Tensor:
     """``[3, H, W]`` float in [-1, 1]; RGBA is composited onto white (SRN's background)."""
     try:
@@ -249,5 +255,5 @@ class SRNScenes:
             out["depth"] = depth
             out["mask"] = (depth > 0).float()
         else:  # white background: foreground is anything not (nearly) white; all-white views give empty masks
-            out["mask"] = (images_t < 0.98).any(1, keepdim=True).float()
+            out["mask"] = white_background_mask(images_t)
         return out

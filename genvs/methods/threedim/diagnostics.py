@@ -4,7 +4,8 @@
   with another example's (the batch rolled by one). Equal numbers mean the input view is ignored.
 - `cross_attention_stats`: for every cross-attention block, the entropy of the target frame's attention
   over the conditioning frame (against the uniform ``log N``) and the attention mass it puts on the
-  conditioning view's object (non-white pixels) against the object's share of the tokens.
+  conditioning view's object (the views' ``mask``, else their non-white pixels) against the object's share
+  of the tokens.
 
 Command line (prints both tables)::
 
@@ -23,15 +24,17 @@ from torch import Tensor
 
 from genvs.core.diffusion import predict_x0_eps, q_sample
 from genvs.core.views import Views
+from genvs.data.srn import white_background_mask
 from genvs.methods.threedim.model import ThreeDiM
 from genvs.methods.threedim.xunet import AttnBlock
 
 __all__ = ["AttentionStats", "conditioning_gain", "cross_attention_stats", "foreground"]
 
 
-def foreground(images: Tensor, white: float = 0.9) -> Tensor:
-    """``[B, 1, H, W]`` mask of pixels that are not white background (images in [-1, 1])."""
-    return (images < white).any(dim=1, keepdim=True).float()
+def foreground(views: Views) -> Tensor:
+    """``[B, 1, H, W]`` object mask of each example's first view: the dataset's ``mask`` (SRN loader: positive
+    depth, else non-white pixels), or the non-white pixels when the views carry none."""
+    return views.mask[:, 0] if views.mask is not None else white_background_mask(views.images[:, 0])
 
 
 def _pair(context: Views, target: Views, model: ThreeDiM) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,7 +95,8 @@ def cross_attention_stats(model: ThreeDiM, context: Views, target: Views, logsnr
     try:
         with model.ema_weights():
             model.denoise(x, z, lam, rays, torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device))
-            stats = [_block_stats(i, b, h, foreground(x), foreground(x0)) for i, (b, h) in enumerate(zip(blocks, inputs))]
+            fg_cond, fg_target = foreground(context), foreground(target)
+            stats = [_block_stats(i, b, h, fg_cond, fg_target) for i, (b, h) in enumerate(zip(blocks, inputs))]
     finally:
         for h in hooks:
             h.remove()
@@ -100,13 +104,9 @@ def cross_attention_stats(model: ThreeDiM, context: Views, target: Views, logsnr
 
 
 def _block_stats(i: int, block: AttnBlock, x: Tensor, fg_cond: Tensor, fg_target: Tensor) -> AttentionStats:
-    BF, C, H, W = x.shape
-    h = block.norm(x).flatten(2).transpose(1, 2).float()  # [B*2, HW, C]
-    d = C // block.heads
-    split = lambda t: t.unflatten(-1, (block.heads, d)).transpose(1, 2)  # noqa: E731
-    q = split(block.q(h)).unflatten(0, (BF // 2, 2))[:, 1]  # target-frame queries [B, heads, HW, d]
-    k = split(block.k(h)).unflatten(0, (BF // 2, 2))[:, 0]  # conditioning-frame keys
-    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [B, heads, HW, HW]
+    B, H, W = x.shape[0] // 2, x.shape[-2], x.shape[-1]
+    q, k, _ = (t.float().unflatten(0, (B, 2))[:, 1] for t in block.project(x))  # target frame: its queries, frame 0's keys
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, heads, HW, HW]
     obj_c = F.adaptive_avg_pool2d(fg_cond, (H, W)).flatten(1) > 0.5  # [B, HW]
     obj_t = F.adaptive_avg_pool2d(fg_target, (H, W)).flatten(1) > 0.5
     mass = (attn * obj_c[:, None, None, :]).sum(-1)  # [B, heads, HW]
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--root", default="data/toy_solid", help="dataset in SRN layout")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--input_view", type=int, default=6)
     p.add_argument("--num_scenes", type=int, default=8)
     a = p.parse_args(argv)

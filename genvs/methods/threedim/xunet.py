@@ -110,16 +110,20 @@ class AttnBlock(nn.Module):
         self.v = nn.Linear(ch, ch)
         self.out = _zero(nn.Linear(ch, ch))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries, keys and values ``[B*2, heads, HW, C / heads]`` of frame-interleaved ``x``;
+        for ``cross`` the keys and values of each frame come from the other frame."""
         BF, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # [B*2, HW, C]
-        q = self.q(h)
         kv = h
         if self.kind == "cross":  # frame 0 reads frame 1 and vice versa
             kv = h.unflatten(0, (BF // 2, 2)).flip(1).flatten(0, 1)
-        k, v = self.k(kv), self.v(kv)
         split = lambda t: t.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v))  # [B*2, heads, HW, d]
+        return split(self.q(h)), split(self.k(kv)), split(self.v(kv))
+
+    def forward(self, x: Tensor) -> Tensor:
+        BF, C, H, W = x.shape
+        a = F.scaled_dot_product_attention(*self.project(x))  # [B*2, heads, HW, d]
         a = self.out(a.transpose(1, 2).flatten(2))  # [B*2, HW, C]
         a = a.transpose(1, 2).reshape(BF, C, H, W)
         return (a + x) / math.sqrt(2)
