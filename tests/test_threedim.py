@@ -56,6 +56,30 @@ def test_xunet_shapes_and_zero_init_output():
     assert net.pose_dim == 144
 
 
+def test_initialisation_follows_the_paper_code():
+    """Flax defaults: kernels with variance 1/fan_in (truncated normal), zero biases; the output
+    layers of residual, attention and final blocks start at zero."""
+    torch.manual_seed(0)
+    net = XUNet(image_size=32, ch=64, ch_mult=(1, 2), emb_ch=128, num_res_blocks=1, attn_resolutions=(16,))
+    w = net.down[0][0].res.conv1.weight  # 64 -> 64, 3x3: fan_in 576
+    assert abs(w.std().item() * math.sqrt(576) - 1) < 0.05
+    assert w.abs().max() <= 2 / math.sqrt(576) / 0.8796 + 1e-6  # truncated at two standard deviations
+    assert torch.all(net.down[0][0].res.conv1.bias == 0) and torch.all(net.logsnr_mlp[0].bias == 0)
+    for m in (net.down[0][0].res.conv2, net.down[1][0].attn[1].out, net.conv_out):
+        assert torch.all(m.weight == 0) and torch.all(m.bias == 0)
+
+
+def test_group_norms_keep_the_papers_group_size():
+    """The paper's widths keep 32 groups; narrow toy widths keep >= 8 channels per group instead of
+    degenerating into per-channel instance norms."""
+    groups = lambda net: {m.num_channels: m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}  # noqa: E731
+    with torch.device("meta"):
+        paper = groups(XUNet())
+    assert set(paper.values()) == {32}
+    toy = groups(XUNet(image_size=32, ch=32, ch_mult=(1, 2, 2), emb_ch=64, num_res_blocks=1, attn_resolutions=(8, 16)))
+    assert toy[32] == 4 and toy[64] == 8 and all(c // g >= 8 for c, g in toy.items())
+
+
 def test_paper_default_size():
     """The paper's 128x128 X-UNet has ~471M parameters."""
     with torch.device("meta"):

@@ -34,13 +34,33 @@ __all__ = ["XUNet", "logsnr_embedding_input"]
 
 
 def _groups(ch: int) -> int:
-    return math.gcd(32, ch)
+    """GroupNorm groups: the paper's 32, or fewer so that every group keeps at least 8 channels.
+
+    The paper's smallest width is 256 channels (8 per group). Scaled-down models keep that group size:
+    32 groups of 32 or 64 channels would make each norm a per-channel instance norm, which removes every
+    channel's spatial mean, so a uniform cross-attention (the first thing it learns) carries nothing
+    from the other frame.
+    """
+    return math.gcd(32, max(1, ch // 8))
 
 
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
+    module.zero_init = True
     return module
+
+
+def _lecun_init(root: nn.Module) -> None:
+    """Flax's default initialisation, as in the paper's code: LeCun-normal kernels (variance
+    1 / fan_in, truncated at 2 standard deviations) and zero biases, except for the zero-initialised
+    output layers. (PyTorch's default has a third of that variance and random biases.)"""
+    for m in root.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not getattr(m, "zero_init", False):
+            fan_in = m.weight[0].numel()
+            std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of the truncated unit normal
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(m.bias)
 
 
 def logsnr_embedding_input(logsnr: Tensor) -> Tensor:
@@ -228,6 +248,7 @@ class XUNet(Configurable, nn.Module):
         self.norm_out = nn.GroupNorm(_groups(cur), cur)
         self.conv_out = _zero(nn.Conv2d(cur, in_ch, 3, padding=1))
         self.num_res_blocks = num_res_blocks
+        _lecun_init(self)
 
     def _run_block(self, block: nn.Module, h: Tensor, emb_act: Tensor) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
