@@ -383,6 +383,23 @@ def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, s
         assert NVSFSDPStrategy(fp32_reduce=False, precision_plugin=FSDPPrecision("bf16-mixed")).mixed_precision_config.reduce_dtype == torch.bfloat16
 
 
+def test_toy_cpu_overlay_runs_two_processes_on_the_toy_model(capsys):
+    from genvs.cli import main
+
+    base = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(base), "--config", str(MULTIGPU / "3dim_toy_cpu_2proc.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    tr = cfg["trainer"]
+    assert (tr["accelerator"], tr["devices"], tr["strategy"]) == ("cpu", 2, "ddp")
+    base_batch = yaml.safe_load(base.read_text())["data"]["init_args"]["batch_size"]
+    assert 2 * cfg["data"]["init_args"]["batch_size"] == base_batch == 16  # the same global batch
+    assert cfg["data"]["init_args"]["root"] == "data/toy_solid"
+    net = cfg["model"]["init_args"]["network"]["init_args"]
+    for k, v in yaml.safe_load(base.read_text())["model"]["init_args"]["network"]["init_args"].items():
+        assert net[k] == v, k
+
+
 def test_test_scenes_are_sharded_without_repeats():
     from genvs.data.module import unrepeated_sampler
 
