@@ -155,11 +155,33 @@ class GenvsCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         elif isinstance(class_path, str) or saved_method:  # a model built in Python: its constructor arguments
             hparams = {"class_path": class_path if isinstance(class_path, str) else saved_method, "init_args": hparams}
+        before = _flat(cfg.get("model"))
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:
             sys.stderr.write(f"genvs: the hyperparameters saved in {ckpt} do not fit the configured model\n")
             raise
+        after = _flat(self.config[self.config.subcommand].get("model"))
+        replaced = [f"{k}: {before[k]!r} -> {after.get(k)!r}" for k in before if k in after and before[k] != after[k]]
+        if replaced:
+            sys.stderr.write(
+                f"genvs: --ckpt_path {ckpt}: the checkpoint's model hyperparameters replace the configured ones "
+                f"({'; '.join(replaced[:8])}{'; ...' if len(replaced) > 8 else ''}). To sample differently in this "
+                "run, pass --sampler (genvs test/predict), not --model...sampler.\n"
+            )
+
+
+def _flat(node, prefix: str = "") -> dict[str, object]:
+    """Dotted keys -> leaf values of a nested config (jsonargparse Namespace or dict)."""
+    if node is None:
+        return {}
+    items = vars(node).items() if hasattr(node, "__dict__") and not isinstance(node, dict) else node.items() if isinstance(node, dict) else None
+    if items is None:
+        return {prefix.rstrip("."): node}
+    out: dict[str, object] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
 
 
 _GENVS_DIR = Path(__file__).resolve().parent

@@ -112,3 +112,18 @@ def test_python_built_model_saves_plain_hyperparameters(tmp_path):
     again = ThreeDiM.load_from_checkpoint(path, weights_only=True)
     assert again.noise_schedule.logsnr_min == -15.0 and again.sampler.num_steps == 7
     assert again.denoiser.emb_ch == TINY_XUNET["emb_ch"]
+
+
+def test_model_overrides_replaced_by_the_checkpoint_are_reported(trained, toy_root, tmp_path, capsys):
+    """With --ckpt_path the checkpoint's hyperparameters replace the model config (Lightning's rule): a
+    --model...sampler override would be silently lost, so genvs names it and points at --sampler."""
+    from genvs.cli import run
+
+    _, ckpt, _ = trained
+    args = ["test", *tiny_args(toy_root, tmp_path), "--ckpt_path", str(ckpt), "--trainer.limit_test_batches", "1"]
+    cli = run([*args, "--model.init_args.sampler.init_args.num_steps", "5"])
+    err = capsys.readouterr().err
+    assert cli.model.sampler.num_steps == 3  # the checkpoint's
+    assert "sampler.init_args.num_steps: 5 -> 3" in err and "--sampler" in err
+    run(args)  # the same model config as the checkpoint's: no notice
+    assert "replace the configured ones" not in capsys.readouterr().err
