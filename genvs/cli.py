@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -155,13 +156,13 @@ class GenvsCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         elif isinstance(class_path, str) or saved_method:  # a model built in Python: its constructor arguments
             hparams = {"class_path": class_path if isinstance(class_path, str) else saved_method, "init_args": hparams}
-        before = _flat(cfg.get("model"))
+        before = _leaves(cfg.get("model"))
         try:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         except SystemExit:
             sys.stderr.write(f"genvs: the hyperparameters saved in {ckpt} do not fit the configured model\n")
             raise
-        after = _flat(self.config[self.config.subcommand].get("model"))
+        after = _leaves(self.config[self.config.subcommand].get("model"))
         replaced = [f"{k}: {before[k]!r} -> {after.get(k)!r}" for k in before if k in after and before[k] != after[k]]
         if replaced:
             sys.stderr.write(
@@ -171,18 +172,9 @@ class GenvsCLI(LightningCLI):
             )
 
 
-def _flat(node, prefix: str = "") -> dict[str, object]:
-    """Dotted keys -> leaf values of a nested config (jsonargparse Namespace or dict)."""
-    if node is None:
-        return {}
-    items = vars(node).items() if hasattr(node, "__dict__") and not isinstance(node, dict) else node.items() if isinstance(node, dict) else None
-    if items is None:
-        return {prefix.rstrip("."): node}
-    out: dict[str, object] = {}
-    for k, v in items:
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
+def _leaves(model) -> dict[str, Any]:
+    """Dotted keys -> leaf values of the parsed model config (jsonargparse flattens its namespaces)."""
+    return dict(model.items()) if isinstance(model, Namespace) else {}
 
 _GENVS_DIR = Path(__file__).resolve().parent
 

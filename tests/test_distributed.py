@@ -386,17 +386,17 @@ def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, s
 def test_toy_cpu_overlay_runs_two_processes_on_the_toy_model(capsys):
     from genvs.cli import main
 
-    base = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
+    path = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(base), "--config", str(MULTIGPU / "3dim_toy_cpu_2proc.yaml"), "--print_config"])
+        main(["fit", "--config", str(path), "--config", str(MULTIGPU / "3dim_toy_cpu_2proc.yaml"), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
+    base = yaml.safe_load(path.read_text())
     tr = cfg["trainer"]
     assert (tr["accelerator"], tr["devices"], tr["strategy"]) == ("cpu", 2, "ddp")
-    base_batch = yaml.safe_load(base.read_text())["data"]["init_args"]["batch_size"]
-    assert 2 * cfg["data"]["init_args"]["batch_size"] == base_batch == 16  # the same global batch
+    assert 2 * cfg["data"]["init_args"]["batch_size"] == base["data"]["init_args"]["batch_size"] == 16  # the same global batch
     assert cfg["data"]["init_args"]["root"] == "data/toy_solid"
     net = cfg["model"]["init_args"]["network"]["init_args"]
-    for k, v in yaml.safe_load(base.read_text())["model"]["init_args"]["network"]["init_args"].items():
+    for k, v in base["model"]["init_args"]["network"]["init_args"].items():
         assert net[k] == v, k
 
 

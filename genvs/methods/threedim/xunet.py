@@ -60,7 +60,8 @@ def _lecun_init(root: nn.Module) -> None:
             fan_in = m.weight[0].numel()
             std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of the truncated unit normal
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def logsnr_embedding_input(logsnr: Tensor) -> Tensor:
