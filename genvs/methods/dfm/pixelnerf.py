@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from genvs.core.attention import attention
 from genvs.core.cameras import posenc_nerf
 from genvs.core.geometry import pixels_to_grid, project_points, transform_points, world_to_camera
 
@@ -180,7 +181,7 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
         h = _modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(N, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, D)
+        a = attention(q, k, v).transpose(1, 2).reshape(N, L, D)
         x = x + gate1 * self.proj(a)
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 

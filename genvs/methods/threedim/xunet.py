@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from genvs.core.attention import attention
 from genvs.core.cameras import ray_posenc_channels
 from genvs.core.config import Configurable
 
@@ -144,7 +145,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         BF, C, H, W = x.shape
-        a = F.scaled_dot_product_attention(*self.project(x))  # [B*2, heads, HW, d]
+        a = attention(*self.project(x))  # [B*2, heads, HW, d]
         a = self.out(a.transpose(1, 2).flatten(2))  # [B*2, HW, C]
         a = a.transpose(1, 2).reshape(BF, C, H, W)
         return (a + x) / math.sqrt(2)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from genvs.core.attention import attention
 from genvs.core.config import Configurable
 from genvs.core.distributed import BatchRNG, as_batch_rng
 
@@ -112,7 +113,7 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # [B, heads, HW, hc]
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(q, k, v)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 

@@ -1,0 +1,29 @@
+"""Scaled dot-product attention that stays fast under bf16 autocast on CPU.
+
+PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 for the small heads the toy and
+benchmark configs use (16-32 channels): on the 2-core AVX-512-BF16 development CPU its backward pass at
+256 tokens x 16 channels took longer than the rest of the 3DiM toy X-UNet's bf16 step put together, and
+``attn_heads`` x 64-token blocks ran 5x slower than plain matmuls. For bf16 on CPU, while the score matrix
+is small, `attention` therefore computes ``softmax(q k^T / sqrt(d)) v`` with two bf16 matmuls (softmax in
+fp32); everywhere else (fp32, GPUs, long sequences) it is ``F.scaled_dot_product_attention``.
+``benchmarks/run.py`` measures the effect (threedim ``bf16_cl`` against ``fp32``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attention"]
+
+MAX_CPU_SCORES = 1 << 20  # query x key tokens above which the explicit path's score matrix costs too much memory
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``[..., Lq, d], [..., Lk, d], [..., Lk, dv] -> [..., Lq, dv]``, unmasked, scale ``1 / sqrt(d)``."""
+    explicit = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * k.shape[-2] <= MAX_CPU_SCORES
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = q @ (k.transpose(-1, -2) * q.shape[-1] ** -0.5)
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
