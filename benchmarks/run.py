@@ -736,7 +736,8 @@ def main(argv: list[str] | None = None) -> None:
     peaks_end = matmul_peak("fp32", device, seconds=args.peak_seconds)
     out = Path(args.out) if args.out else RESULTS / (
         f"{'cuda-' + info['gpu'].split()[-1].lower() if 'gpu' in info else 'cpu-' + info['cpu'].split()[0].lower()}"
-        f"-{info['cores']}c{'-tiny' if args.tiny else ''}.json")
+        f"-{info['cores']}c{'-' + info['cpu_capability'].lower() if 'cpu_capability' in info and 'gpu' not in info else ''}"
+        f"{'-tiny' if args.tiny else ''}.json")
     this = {"started": session, "machine": info, "matmul_peak_gflops": peaks, "matmul_fp32_peak_gflops_end": peaks_end,
             "methods": args.methods, "variants": args.variants, "repeats": args.repeats,
             "wall_time_s": round(time.time() - started, 1)}

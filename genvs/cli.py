@@ -55,9 +55,10 @@ class GenvsCLI(LightningCLI):
     run writes to a new version folder, so nothing of the old run is overwritten); any checkpoint is
     verified before it is loaded, and loaded with ``weights_only=True``.
 
-    ``trainer.precision: null`` (the default) picks ``bf16-mixed`` on CUDA GPUs with bf16 support and
-    ``32-true`` elsewhere: on CPUs without AVX-512-BF16/AMX (e.g. AVX2-only machines) oneDNN has no fast
-    bf16 convolution and bf16 autocast runs several times slower than fp32 (see benchmarks/).
+    ``trainer.precision: null`` (the default) picks ``bf16-mixed`` on CUDA GPUs with bf16 support and on
+    CPUs with AVX-512-BF16 or AMX (1.3-1.9x faster than fp32 there), and ``32-true`` elsewhere: on CPUs
+    without them (e.g. AVX2-only machines) oneDNN has no fast bf16 path and bf16 autocast runs several times
+    slower than fp32 (see benchmarks/).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -201,12 +202,24 @@ def find_last_checkpoint(root: str) -> str | None:
     return str(found[-1]) if found else None
 
 
-def default_precision(accelerator: str | None = "auto") -> str:
-    """``bf16-mixed`` where bf16 is fast (CUDA with bf16 support), else ``32-true``."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX-512-BF16 or AMX), which oneDNN uses."""
     import torch
 
-    wants_gpu = accelerator in (None, "auto", "gpu", "cuda")
-    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume the slow path
+        return False
+
+
+def default_precision(accelerator: str | None = "auto") -> str:
+    """``bf16-mixed`` where bf16 is fast (CUDA with bf16 support; CPUs with AVX-512-BF16 or AMX), else
+    ``32-true``."""
+    import torch
+
+    if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator in (None, "auto", "cpu") and cpu_has_fast_bf16():
         return "bf16-mixed"
     return "32-true"
 

@@ -127,3 +127,27 @@ def test_model_overrides_replaced_by_the_checkpoint_are_reported(trained, toy_ro
     assert "sampler.init_args.num_steps: 5 -> 3" in err and "--sampler" in err
     run(args)  # the same model config as the checkpoint's: no notice
     assert "replace the configured ones" not in capsys.readouterr().err
+
+
+def test_default_precision_follows_the_hardware(monkeypatch):
+    """bf16-mixed where bf16 is fast (CUDA with bf16; CPUs with AVX-512-BF16 or AMX), else 32-true."""
+    from genvs import cli
+
+    def machine(cuda: bool, cuda_bf16: bool, avx512_bf16: bool, amx: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    machine(cuda=False, cuda_bf16=False, avx512_bf16=False, amx=False)  # AVX2-only CPU
+    assert [cli.default_precision(a) for a in ("auto", "cpu", None)] == ["32-true"] * 3
+    machine(cuda=False, cuda_bf16=False, avx512_bf16=True, amx=False)
+    assert [cli.default_precision(a) for a in ("auto", "cpu", "gpu")] == ["bf16-mixed", "bf16-mixed", "32-true"]
+    machine(cuda=False, cuda_bf16=False, avx512_bf16=False, amx=True)
+    assert cli.default_precision("cpu") == "bf16-mixed"
+    machine(cuda=True, cuda_bf16=True, avx512_bf16=False, amx=False)
+    assert (cli.default_precision("auto"), cli.default_precision("cpu")) == ("bf16-mixed", "32-true")
+    machine(cuda=True, cuda_bf16=False, avx512_bf16=True, amx=False)  # old GPU: fp32 on it, bf16 on the CPU
+    assert (cli.default_precision("auto"), cli.default_precision("cpu")) == ("32-true", "bf16-mixed")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
+    assert cli.default_precision("cpu") == "32-true"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_XUNET, tiny_args
-from genvs.cli import run
+from genvs.cli import default_precision, run
 from genvs.core.config import spec
 from genvs.core.samplers import DDIMScheduler, Sampler
 from genvs.data import EvalProtocol, MultiViewDataset, SRNScenes
@@ -85,4 +85,4 @@ def test_genvs_test_twice_gives_identical_metrics_and_records_provenance(checkpo
     assert a["meta"]["hparams"]["network"]["init_args"]["ch"] == TINY_XUNET["ch"]
     run_env = a["meta"]["run"]
     assert run_env["device"] == "cpu" and run_env["torch_threads"] == torch.get_num_threads()
-    assert run_env["precision"] == "32-true"
+    assert run_env["precision"] == default_precision("auto")  # bf16-mixed on AVX-512-BF16/AMX CPUs
