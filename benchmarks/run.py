@@ -525,6 +525,20 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
     return out
 
 
+def default_results_file(info: dict, tiny: bool = False) -> Path:
+    """``results/<gpu or cpu>-<cores>c[-<cpu capability>][-tiny].json`` for `machine()`'s ``info``: CPUs with
+    different vector units (AVX2, AVX512) get separate files, since bf16 is fast on one and slow on the other."""
+    if "gpu" in info:
+        parts = ["cuda-" + info["gpu"].split()[-1].lower(), f"{info['cores']}c"]
+    else:
+        parts = ["cpu-" + info["cpu"].split()[0].lower(), f"{info['cores']}c"]
+        if "cpu_capability" in info:
+            parts.append(info["cpu_capability"].lower())
+    if tiny:
+        parts.append("tiny")
+    return RESULTS / ("-".join(parts) + ".json")
+
+
 def machine() -> dict:
     import torch
 
@@ -734,10 +748,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{method}/{variant}: train {r['train_step_s']:.3f} s/step, sampling {r['eval_step_s']:.3f} s/step",
                       flush=True)
     peaks_end = matmul_peak("fp32", device, seconds=args.peak_seconds)
-    out = Path(args.out) if args.out else RESULTS / (
-        f"{'cuda-' + info['gpu'].split()[-1].lower() if 'gpu' in info else 'cpu-' + info['cpu'].split()[0].lower()}"
-        f"-{info['cores']}c{'-' + info['cpu_capability'].lower() if 'cpu_capability' in info and 'gpu' not in info else ''}"
-        f"{'-tiny' if args.tiny else ''}.json")
+    out = Path(args.out) if args.out else default_results_file(info, args.tiny)
     this = {"started": session, "machine": info, "matmul_peak_gflops": peaks, "matmul_fp32_peak_gflops_end": peaks_end,
             "methods": args.methods, "variants": args.variants, "repeats": args.repeats,
             "wall_time_s": round(time.time() - started, 1)}

@@ -98,6 +98,16 @@ def test_parent_ratios_mfu_merge_and_tables(bench, tmp_path, monkeypatch):
     assert "kept text" in text and "after" in text and "old" not in text and text.count("<!-- results:start -->") == 1
 
 
+def test_default_results_file_separates_cpu_capabilities(bench):
+    cpu = {"cpu": "AMD EPYC 9B14", "cores": 2, "cpu_capability": "AVX512"}
+    assert bench.default_results_file(cpu).name == "cpu-amd-2c-avx512.json"
+    assert bench.default_results_file({**cpu, "cpu_capability": "AVX2"}, tiny=True).name == "cpu-amd-2c-avx2-tiny.json"
+    assert bench.default_results_file({"cpu": "AMD EPYC", "cores": 2}).name == "cpu-amd-2c.json"  # unknown capability
+    gpu = {**cpu, "cores": 16, "gpu": "NVIDIA H200"}
+    assert bench.default_results_file(gpu).name == "cuda-h200-16c.json"  # GPUs: no CPU capability
+    assert bench.default_results_file(gpu).parent == bench.RESULTS
+
+
 def test_child_time_limit_is_reported(bench):
     r = bench.run_child("threedim", "fp32", "cpu", 1, True, timeout=1.0)
     assert r["failed"] == "timed out after 1 s" and r["method"] == "threedim"
