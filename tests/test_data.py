@@ -51,6 +51,32 @@ def test_toy_patterns_primitives_and_scale_settings(tmp_path):
     assert ToyConfig().patterns == ["solid", "checker", "stripes", "dots"]  # every pattern by default
 
 
+def test_toy_turntable_cameras(tmp_path):
+    """``elevation_deg`` puts every camera at that elevation and radius, looking at the origin: train azimuths
+    at random, test azimuths evenly spaced from 0. Datasets written without the setting keep their record."""
+    from genvs.data.srn import read_pose
+
+    cfg = ToyConfig(**{**TINY_TOY.__dict__, "num_objects": {"train": 1, "test": 1}, "elevation_deg": 30.0})
+    root = generate_toy_dataset(tmp_path / "turntable", cfg, progress=False)
+    assert json.loads((root / "toy.json").read_text())["elevation_deg"] == 30.0
+    for split, n in (("train", 6), ("test", 8)):
+        poses = torch.stack([read_pose(f) for f in sorted((root / split / f"toy_{split}_00000/pose").glob("*.txt"))])
+        eye = poses[:, :3, 3].double()
+        assert len(poses) == n
+        torch.testing.assert_close(eye.norm(dim=-1), torch.full((n,), 1.3, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(eye[:, 2], torch.full((n,), 1.3 * 0.5, dtype=torch.float64), atol=1e-5, rtol=0)
+        forward = poses[:, :3, 2].double()  # OpenCV: +z looks forward, at the origin
+        torch.testing.assert_close(forward, -eye / eye.norm(dim=-1, keepdim=True), atol=1e-5, rtol=0)
+        az = torch.rad2deg(torch.atan2(eye[:, 1], eye[:, 0])).remainder(360)
+        if split == "test":
+            torch.testing.assert_close(az, torch.arange(8, dtype=torch.float64) * 45, atol=1e-3, rtol=0)
+        else:
+            assert len({round(float(a)) for a in az}) == n and not torch.allclose(az.diff(), az.diff()[:1])
+    assert "elevation_deg" not in ToyConfig().metadata()  # the default (SRN cameras) leaves older records valid
+    with pytest.raises(DatasetError, match="toy.elevation_deg=90.0: give an elevation strictly between"):
+        ToyConfig(elevation_deg=90.0)
+
+
 def test_toy_depth_is_geometrically_consistent(toy_root):
     """Unproject view 0 with its depth, project into view 1: colours agree where view 1 sees the same surface."""
     scenes = SRNScenes(toy_root, "train")

@@ -55,6 +55,9 @@ class ToyConfig:
     supersample: int = 2
     patterns: list[str] = dataclasses.field(default_factory=lambda: list(PATTERNS))  # all of them
     object_scale: float = 1.3  # objects fit in a sphere of radius ~0.55 * object_scale
+    # None: SRN's cameras (train on the upper hemisphere, val/test on a spiral). A number: a turntable, every
+    # camera at this elevation (degrees), train azimuths at random, val/test azimuths evenly spaced.
+    elevation_deg: float | None = None
 
     def __post_init__(self):
         bad = [p for p in self.patterns if p not in PATTERNS]
@@ -67,6 +70,14 @@ class ToyConfig:
             )
         if not self.object_scale > 0:
             raise DatasetError(f"toy.object_scale={self.object_scale}: must be positive (1.3 is the default size)")
+        if self.elevation_deg is not None and not -90 < self.elevation_deg < 90:
+            raise DatasetError(f"toy.elevation_deg={self.elevation_deg}: give an elevation strictly between -90 and 90 "
+                               "degrees, or null for SRN's hemisphere and spiral cameras")
+
+    def metadata(self) -> dict:
+        """What ``toy.json`` records. Unset optional settings are left out, so datasets written before a
+        setting existed are not regenerated."""
+        return {"version": FORMAT_VERSION, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None}}
 
 
 # ----------------------------------------------------------------------------------- scene model
@@ -267,6 +278,24 @@ def spiral_poses(n: int, radius: float) -> Tensor:
     return look_at(eye)
 
 
+def turntable_poses(n: int, radius: float, elevation_deg: float, generator: torch.Generator | None = None) -> Tensor:
+    """``[n, 4, 4]`` cameras at one elevation looking at the origin: azimuths at random with ``generator``,
+    else ``n`` evenly spaced ones starting at 0."""
+    az = torch.rand(n, generator=generator) if generator is not None else torch.arange(n) / n
+    az = az * 2 * math.pi
+    el = torch.full((n,), math.radians(elevation_deg))
+    eye = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1) * radius
+    return look_at(eye)
+
+
+def _poses(split: str, n: int, cfg: ToyConfig, generator: torch.Generator) -> Tensor:
+    if cfg.elevation_deg is not None:
+        return turntable_poses(n, cfg.radius, cfg.elevation_deg, generator if split == "train" else None)
+    if split == "train":
+        return sphere_poses(n, cfg.radius, generator=generator, min_elevation_deg=5.0)
+    return spiral_poses(n, cfg.radius)
+
+
 def _write_object(folder: Path, prims: list[Primitive], poses: Tensor, cfg: ToyConfig) -> None:
     res, ss = cfg.resolution, cfg.supersample
     K = intrinsics_from_fov(cfg.fov_deg, res)
@@ -304,16 +333,12 @@ def generate_toy_dataset(root: str | Path, cfg: ToyConfig | None = None, progres
         for i in range(cfg.num_objects[split]):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_OFFSETS.get(split, 3) * 100_003 + i)
             prims = random_object(g, cfg.min_primitives, cfg.max_primitives, cfg.object_scale, cfg.patterns)
-            nv = cfg.num_views[split]
-            if split == "train":
-                poses = sphere_poses(nv, cfg.radius, generator=g, min_elevation_deg=5.0)
-            else:
-                poses = spiral_poses(nv, cfg.radius)
+            poses = _poses(split, cfg.num_views[split], cfg, g)
             _write_object(root / split / f"toy_{split}_{i:05d}", prims, poses, cfg)
             done += 1
             if progress and (done % 20 == 0 or done == total):
                 print(f"genvs: rendered {done}/{total} procedural objects into {root}", flush=True)
-    (root / "toy.json").write_text(json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(cfg)}, indent=1))
+    (root / "toy.json").write_text(json.dumps(cfg.metadata(), indent=1))
     if final.exists():
         shutil.rmtree(final)
     root.rename(final)
@@ -325,7 +350,7 @@ def ensure_toy_dataset(root: str | Path, cfg: ToyConfig | None = None) -> Path:
     cfg = cfg or ToyConfig()
     root = Path(root)
     meta = root / "toy.json"
-    want = {"version": FORMAT_VERSION, **dataclasses.asdict(cfg)}
+    want = cfg.metadata()
     if meta.exists():
         try:
             have = json.loads(meta.read_text())
