@@ -36,6 +36,17 @@ def test_sampler_reproduces_gaussian(scheduler, steps, schedule):
     assert abs(float(x.std()) - STD) < 0.015
 
 
+@pytest.mark.parametrize("make", [lambda: DDIMScheduler(timestep_spacing="trailing"), lambda: diffusers.DDPMScheduler()])
+def test_scheduler_built_in_python_binds_to_the_model_schedule(make):
+    """A scheduler constructed in Python (not from a config) remembers which arguments took their defaults,
+    and diffusers' `from_config` resets those: binding must still install the model's betas and prediction."""
+    schedule = CosineLogSNRSchedule()
+    for made in (make(), spec(type(make()), timestep_spacing="trailing")):
+        bound = Sampler(made).bind(schedule, "v")
+        assert bound.config.prediction_type == "v_prediction"
+        torch.testing.assert_close(bound.alphas_cumprod.double(), schedule.alphas_cumprod().double(), rtol=1e-4, atol=1e-9)
+
+
 def test_diffusers_ddim_previous_timestep_bug_is_fixed():
     """diffusers' DDIM assumes prev = t - T // N; with linspace spacing the true next timestep differs."""
     ours = DDIMScheduler(timestep_spacing="linspace", clip_sample=False)

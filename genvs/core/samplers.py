@@ -191,6 +191,10 @@ class Sampler(Configurable):
     def bind(self, schedule: NoiseSchedule, prediction: Prediction) -> SchedulerMixin:
         """The diffusers scheduler rebuilt on ``schedule``'s betas and ``prediction`` type."""
         config = dict(self.scheduler.config)
+        # diffusers lists the arguments a scheduler was built without in `_use_default_values`, and
+        # `from_config` then resets exactly those to their defaults: the betas and prediction type set
+        # below would be dropped for any scheduler constructed in Python with its default betas.
+        config.pop("_use_default_values", None)
         config.update(
             num_train_timesteps=schedule.num_train_timesteps,
             trained_betas=schedule.betas().tolist(),
