@@ -36,13 +36,13 @@ def test_sampler_reproduces_gaussian(scheduler, steps, schedule):
     assert abs(float(x.std()) - STD) < 0.015
 
 
-@pytest.mark.parametrize("make", [lambda: DDIMScheduler(timestep_spacing="trailing"), lambda: diffusers.DDPMScheduler()])
-def test_scheduler_built_in_python_binds_to_the_model_schedule(make):
+@pytest.mark.parametrize("cls", [DDIMScheduler, diffusers.DDPMScheduler])
+def test_scheduler_built_in_python_binds_to_the_model_schedule(cls):
     """A scheduler constructed in Python (not from a config) remembers which arguments took their defaults,
     and diffusers' `from_config` resets those: binding must still install the model's betas and prediction."""
     schedule = CosineLogSNRSchedule()
-    for made in (make(), spec(type(make()), timestep_spacing="trailing")):
-        bound = Sampler(made).bind(schedule, "v")
+    for scheduler in (cls(timestep_spacing="trailing"), spec(cls, timestep_spacing="trailing")):
+        bound = Sampler(scheduler).bind(schedule, "v")
         assert bound.config.prediction_type == "v_prediction"
         torch.testing.assert_close(bound.alphas_cumprod.double(), schedule.alphas_cumprod().double(), rtol=1e-4, atol=1e-9)
 

@@ -24,6 +24,7 @@ __all__ = [
     "fov_from_intrinsics",
     "look_at",
     "orbit_poses",
+    "spherical_to_cartesian",
     "sphere_poses",
     "ring_poses",
     "orbit_around",
@@ -152,7 +153,7 @@ def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None)
     return c2w
 
 
-def _spherical(radius: Tensor, azimuth: Tensor, elevation: Tensor) -> Tensor:
+def spherical_to_cartesian(radius: Tensor, azimuth: Tensor, elevation: Tensor) -> Tensor:
     """Points on a sphere (z up): azimuth around z from +x, elevation above the xy plane (radians)."""
     ce = torch.cos(elevation)
     return torch.stack(
@@ -167,7 +168,7 @@ def orbit_poses(
     az = torch.deg2rad(torch.tensor(start_azimuth_deg)) + torch.arange(n) * (2 * math.pi / n)
     el = torch.full((n,), math.radians(elevation_deg))
     c = torch.tensor(center, dtype=torch.float32)
-    eye = _spherical(torch.full((n,), radius), az, el) + c
+    eye = spherical_to_cartesian(torch.full((n,), radius), az, el) + c
     return look_at(eye, c)
 
 
@@ -184,7 +185,7 @@ def sphere_poses(
     lo = math.sin(math.radians(min_elevation_deg)) if upper_hemisphere else -1.0
     sin_el = lo + (1 - lo) * u  # uniform in sin(elevation) = uniform area on the sphere
     el = torch.asin(sin_el.clamp(-1 + 1e-6, 1 - 1e-6))
-    return look_at(_spherical(torch.full((n,), radius), az, el))
+    return look_at(spherical_to_cartesian(torch.full((n,), radius), az, el))
 
 
 def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, position=(0.0, 0.0, 0.0)) -> Tensor:
@@ -192,7 +193,7 @@ def ring_poses(n: int = 8, yaw_step_deg: float = 45.0, pitch_deg: float = 0.0, p
     yaw = torch.deg2rad(torch.arange(n) * yaw_step_deg)
     pitch = torch.full((n,), math.radians(pitch_deg))
     eye = torch.tensor(position, dtype=torch.float32).expand(n, 3)
-    target = eye + _spherical(torch.ones(n), yaw, pitch)
+    target = eye + spherical_to_cartesian(torch.ones(n), yaw, pitch)
     return look_at(eye, target)
 
 

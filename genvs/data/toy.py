@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from genvs.core.cameras import camera_rays, intrinsics_from_fov, look_at, ring_poses, sphere_poses
+from genvs.core.cameras import (
+    camera_rays,
+    intrinsics_from_fov,
+    look_at,
+    ring_poses,
+    sphere_poses,
+    spherical_to_cartesian,
+)
 from genvs.data.srn import DatasetError
 
 __all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "ensure_toy_dataset"]
@@ -282,10 +289,8 @@ def turntable_poses(n: int, radius: float, elevation_deg: float, generator: torc
     """``[n, 4, 4]`` cameras at one elevation looking at the origin: azimuths at random with ``generator``,
     else ``n`` evenly spaced ones starting at 0."""
     az = torch.rand(n, generator=generator) if generator is not None else torch.arange(n) / n
-    az = az * 2 * math.pi
     el = torch.full((n,), math.radians(elevation_deg))
-    eye = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1) * radius
-    return look_at(eye)
+    return look_at(spherical_to_cartesian(torch.full((n,), radius), az * 2 * math.pi, el))
 
 
 def _poses(split: str, n: int, cfg: ToyConfig, generator: torch.Generator) -> Tensor:
