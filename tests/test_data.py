@@ -77,6 +77,35 @@ def test_toy_turntable_cameras(tmp_path):
         ToyConfig(elevation_deg=90.0)
 
 
+def test_toy_car_category_is_canonically_aligned(tmp_path):
+    """``category: car`` draws one aligned class: the body is longer along x than wide, the cabin sits back
+    (-x) on its roof, four wheels below, and a camera on the +y side sees a wider silhouette than one in front
+    (+x), for every object. Its record names the category; unknown categories are refused."""
+    import math
+
+    from genvs.core.cameras import intrinsics_from_fov, look_at, spherical_to_cartesian
+    from genvs.data.toy import car_object, render_object
+
+    K = intrinsics_from_fov(51.98, 32)
+    for seed in range(6):
+        body, cabin, *wheels = car_object(torch.Generator().manual_seed(seed), scale=1.5, patterns=["solid"])
+        assert body.kind == cabin.kind == "box" and [w.kind for w in wheels] == ["sphere"] * 4
+        assert body.size[0] > 1.5 * body.size[1] and cabin.center[0] < 0 < cabin.center[2]
+        assert all(w.center[2] < body.center[2] for w in wheels) and not torch.equal(body.color, cabin.color)
+        widths = []
+        for az in (0.0, 90.0):  # in front (+x), on the side (+y)
+            eye = spherical_to_cartesian(torch.tensor([1.3]), torch.tensor([math.radians(az)]), torch.tensor([0.2]))
+            _, depth = render_object([body, cabin, *wheels], K, look_at(eye)[0], 32, 32)
+            widths.append(int((depth > 0).any(0).sum()))
+        assert widths[1] >= widths[0] + 4, widths
+    cfg = ToyConfig(**{**TINY_TOY.__dict__, "num_objects": {"train": 1}, "category": "car"})
+    root = generate_toy_dataset(tmp_path / "cars", cfg, progress=False)
+    assert json.loads((root / "toy.json").read_text())["category"] == "car"
+    assert "category" not in ToyConfig().metadata()  # random composites by default; older records stay valid
+    with pytest.raises(DatasetError, match="toy.category='plane': choose one of"):
+        ToyConfig(category="plane")
+
+
 def test_toy_depth_is_geometrically_consistent(toy_root):
     """Unproject view 0 with its depth, project into view 1: colours agree where view 1 sees the same surface."""
     scenes = SRNScenes(toy_root, "train")

@@ -5,7 +5,9 @@ material: a base colour and a pattern (solid, checker, stripes, dots) in a secon
 Lambertian with one directional light plus ambient and a little specular. Cameras sit on a sphere
 around the object like SRN ShapeNet (radius 1.3, ~52 deg field of view, looking at the origin, z up),
 train views uniformly on the upper hemisphere and val/test views on an Archimedean spiral as in SRN.
-Background is white. Everything is deterministic from ``seed``.
+Background is white. ``category: car`` replaces the random composites by one class in a canonical
+orientation (`car_object`), and ``elevation_deg`` the SRN cameras by a turntable. Everything is
+deterministic from ``seed``.
 
 Written layout (the SRN/pixelNeRF layout plus depth)::
 
@@ -41,7 +43,7 @@ from genvs.core.cameras import (
 )
 from genvs.data.srn import DatasetError
 
-__all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "ensure_toy_dataset"]
+__all__ = ["ToyConfig", "generate_toy_dataset", "render_object", "random_object", "car_object", "ensure_toy_dataset"]
 
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 FORMAT_VERSION = 1
@@ -65,6 +67,10 @@ class ToyConfig:
     # None: SRN's cameras (train on the upper hemisphere, val/test on a spiral). A number: a turntable, every
     # camera at this elevation (degrees), train azimuths at random, val/test azimuths evenly spaced.
     elevation_deg: float | None = None
+    # None: random composites of min..max_primitives primitives at random orientations. "car": one category
+    # in a canonical orientation, like an SRN ShapeNet class: a body, a cabin set back on it and four wheels,
+    # their proportions and colours drawn per object (min/max_primitives do not apply).
+    category: str | None = None
 
     def __post_init__(self):
         bad = [p for p in self.patterns if p not in PATTERNS]
@@ -77,6 +83,9 @@ class ToyConfig:
             )
         if not self.object_scale > 0:
             raise DatasetError(f"toy.object_scale={self.object_scale}: must be positive (1.3 is the default size)")
+        if self.category is not None and self.category not in CATEGORIES:
+            raise DatasetError(f"toy.category={self.category!r}: choose one of {list(CATEGORIES)}, or null for random "
+                               "composite objects")
         if self.elevation_deg is not None and not -90 < self.elevation_deg < 90:
             raise DatasetError(f"toy.elevation_deg={self.elevation_deg}: give an elevation strictly between -90 and 90 "
                                "degrees, or null for SRN's hemisphere and spiral cameras")
@@ -104,6 +113,7 @@ PALETTE = torch.tensor(
 )
 KINDS = ("sphere", "box", "cylinder")
 PATTERNS = ("solid", "checker", "stripes", "dots")
+CATEGORIES = ("car",)
 
 
 @dataclass
@@ -164,6 +174,41 @@ def random_object(
             )
         )
     return prims
+
+
+def car_object(
+    generator: torch.Generator, scale: float = 1.3, patterns: tuple[str, ...] | list[str] = PATTERNS
+) -> list[Primitive]:
+    """A toy car facing +x, centred on the origin (z up): a box body, a box cabin set back on its roof and
+    four spherical wheels under its corners. Proportions vary by up to ~25% and body and cabin take two
+    different palette colours; the orientation is the same for every object (like ShapeNet's aligned
+    classes), so the camera pose alone says where the front, the cabin and the wheels appear."""
+
+    def u(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (), generator=generator))]
+
+    bx, by, bz = u(0.30, 0.40), u(0.14, 0.19), u(0.06, 0.09)  # body half-extents
+    cx, cz = u(0.12, 0.18), u(0.06, 0.09)  # cabin half-length and half-height
+    body_z, wheel_r = -0.04, u(0.06, 0.08)
+    c_body, c_cabin, c_pat = torch.randperm(len(PALETTE), generator=generator)[:3]
+
+    def prim(kind, center, size, color, pattern="solid"):
+        return Primitive(kind=kind, center=torch.tensor(center) * scale, size=torch.tensor(size) * scale, yaw=0.0,
+                         color=color, color2=PALETTE[c_pat], pattern=pattern, frequency=u(4.0, 9.0))
+
+    jitter = (torch.rand(3, generator=generator) - 0.5) * 0.1
+    body = prim("box", [0.0, 0.0, body_z], [bx, by, bz], (PALETTE[c_body] + jitter).clamp(0, 1), pick(patterns))
+    cabin = prim("box", [-u(0.25, 0.45) * (bx - cx), 0.0, body_z + bz + cz], [cx, by * u(0.75, 0.92), cz],
+                 PALETTE[c_cabin])
+    wheels = [
+        prim("sphere", [sx * 0.65 * bx, sy * by, body_z - bz], [wheel_r] * 3, PALETTE[6])
+        for sx in (-1, 1)
+        for sy in (-1, 1)
+    ]
+    return [body, cabin, *wheels]
 
 
 def _rot_z(yaw: float) -> Tensor:
@@ -337,7 +382,10 @@ def generate_toy_dataset(root: str | Path, cfg: ToyConfig | None = None, progres
     for split in splits:
         for i in range(cfg.num_objects[split]):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_OFFSETS.get(split, 3) * 100_003 + i)
-            prims = random_object(g, cfg.min_primitives, cfg.max_primitives, cfg.object_scale, cfg.patterns)
+            if cfg.category == "car":
+                prims = car_object(g, cfg.object_scale, cfg.patterns)
+            else:
+                prims = random_object(g, cfg.min_primitives, cfg.max_primitives, cfg.object_scale, cfg.patterns)
             poses = _poses(split, cfg.num_views[split], cfg, g)
             _write_object(root / split / f"toy_{split}_{i:05d}", prims, poses, cfg)
             done += 1
