@@ -394,7 +394,7 @@ def test_toy_cpu_overlay_runs_two_processes_on_the_toy_model(capsys):
     tr = cfg["trainer"]
     assert (tr["accelerator"], tr["devices"], tr["strategy"]) == ("cpu", 2, "ddp")
     assert 2 * cfg["data"]["init_args"]["batch_size"] == base["data"]["init_args"]["batch_size"] == 16  # the same global batch
-    assert cfg["data"]["init_args"]["root"] == "data/toy_solid"
+    assert cfg["data"]["init_args"]["root"] == "data/toy_cars"
     net = cfg["model"]["init_args"]["network"]["init_args"]
     for k, v in base["model"]["init_args"]["network"]["init_args"].items():
         assert net[k] == v, k

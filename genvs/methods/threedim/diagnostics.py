@@ -9,7 +9,7 @@
 
 Command line (prints both tables)::
 
-    python -m genvs.methods.threedim.diagnostics <checkpoint> --root data/toy_solid --split val --input_view 6
+    python -m genvs.methods.threedim.diagnostics <checkpoint> --root data/toy_cars --split val --input_view 6
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
-    p.add_argument("--root", default="data/toy_solid", help="dataset in SRN layout")
+    p.add_argument("--root", default="data/toy_cars", help="dataset in SRN layout")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--input_view", type=int, default=6)
     p.add_argument("--num_scenes", type=int, default=8)
