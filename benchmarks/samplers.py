@@ -9,7 +9,8 @@ their weights are on this machine) and wall time per generated view, for
 
 each at every ``--steps`` (the paper sampler at its own step count, ``--paper-steps``), and the ``copy_input``
 baseline (`genvs.methods.baselines.CopyInput`) on the same views as the last row. Only the scheduler
-and the step count change between rows: guidance scale and noise temperature are the checkpoint's, the
+and the step count change between rows: guidance scale (``--guidance-scales`` for a sweep) and noise
+temperature are the checkpoint's, the
 method's sampling procedure (3DiM's stochastic conditioning, DFM's dynamic thresholding, the warping
 model's x0 guidance, MVDiffusion's joint ring) is the model's own, and every row starts from the same
 seeds. x0 clipping follows the checkpoint's scheduler (``clip_sample``; DPM-Solver++ gets the equivalent
@@ -94,30 +95,33 @@ def paper_sampler_spec(cls: type) -> dict:
     return param.default
 
 
-def make_samplers(model, names: list[str], steps: list[int], paper_steps: int | None) -> list[tuple[str, Any]]:
-    """``(name, Sampler)`` rows: the paper's sampler at its step count, then each fast sampler at ``steps``."""
+def make_samplers(model, names: list[str], steps: list[int], paper_steps: int | None,
+                  guidance_scales: list[float] | None = None) -> list[tuple[str, Any]]:
+    """``(name, Sampler)`` rows: the paper's sampler at its step count, then each fast sampler at ``steps``,
+    at each of ``guidance_scales`` (default: the checkpoint's), all at the checkpoint's noise temperature."""
     from genvs.core.config import build, spec
     from genvs.core.samplers import DDIMScheduler, Sampler
 
     base = model.sampler
-    keep = dict(guidance_scale=base.guidance_scale, noise_temperature=base.noise_temperature)
     clip = bool(base.scheduler.config.get("clip_sample", True))
     rows = []
-    for name in names:
-        if name == "paper":
-            paper = build(paper_sampler_spec(type(model)), Sampler, "sampler")
-            rows.append(("paper", paper.replace(num_steps=paper_steps or paper.num_steps, **keep)))
-        elif name == "ddim":
-            for n in steps:
-                sched = spec(DDIMScheduler, timestep_spacing="trailing", clip_sample=clip)
-                rows.append(("ddim", Sampler(sched, num_steps=n, eta=0.0, **keep)))
-        elif name == "dpmpp":
-            for n in steps:
-                sched = spec("diffusers.DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
-                             timestep_spacing="trailing", thresholding=clip, sample_max_value=1.0)
-                rows.append(("dpmpp", Sampler(sched, num_steps=n, **keep)))
-        else:
-            raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
+    for scale in guidance_scales or [base.guidance_scale]:
+        keep = dict(guidance_scale=scale, noise_temperature=base.noise_temperature)
+        for name in names:
+            if name == "paper":
+                paper = build(paper_sampler_spec(type(model)), Sampler, "sampler")
+                rows.append(("paper", paper.replace(num_steps=paper_steps or paper.num_steps, **keep)))
+            elif name == "ddim":
+                for n in steps:
+                    sched = spec(DDIMScheduler, timestep_spacing="trailing", clip_sample=clip)
+                    rows.append(("ddim", Sampler(sched, num_steps=n, eta=0.0, **keep)))
+            elif name == "dpmpp":
+                for n in steps:
+                    sched = spec("diffusers.DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+                                 timestep_spacing="trailing", thresholding=clip, sample_max_value=1.0)
+                    rows.append(("dpmpp", Sampler(sched, num_steps=n, **keep)))
+            else:
+                raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
     return rows
 
 
@@ -179,14 +183,23 @@ def build_datamodule(config: dict, args) -> Any:
     return dm
 
 
+def view_psnr(pred, target):
+    """PSNR of every view ``[...]`` of ``[..., C, H, W]`` images in [-1, 1] (NVSMetrics' PSNR is their mean)."""
+    import torch
+
+    mse = ((pred.float() - target.float()) / 2).pow(2).flatten(-3).mean(-1)
+    return -10 * torch.log10(mse)
+
+
 def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[str, Any]:
-    """Generate every test batch with ``sampler`` and score it; wall time of generation only."""
+    """Generate every test batch with ``sampler`` and score it; wall time of generation only. ``psnr_se`` is
+    the standard error of the mean PSNR over views (their spread, not the sampler's seed noise alone)."""
     import torch
 
     from genvs.eval.metrics import NVSMetrics
 
     scorer = NVSMetrics(metrics=metrics).to(device)
-    seconds, views = 0.0, 0
+    seconds, views, psnrs = 0.0, 0, []
     for i, batch in enumerate(loader):
         batch = batch.to(device)
         if device == "cuda":
@@ -198,9 +211,12 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[st
         seconds += time.perf_counter() - t
         views += pred.B * pred.V
         scorer.update(pred.images.float(), batch.targets.images.float())
+        psnrs.append(view_psnr(pred.images, batch.targets.images).flatten().cpu())
     scores = scorer.compute()
-    return {**scores, "seconds_per_view": seconds / max(views, 1), "num_views": views, "generation_s": seconds,
-            "notes": list(scorer.notes)}
+    psnr = torch.cat(psnrs).double()
+    se = float(psnr.std() / math.sqrt(len(psnr))) if len(psnr) > 1 else float("nan")
+    return {**scores, "psnr_se": se, "seconds_per_view": seconds / max(views, 1), "num_views": views,
+            "generation_s": seconds, "notes": list(scorer.notes)}
 
 
 def _n(n: int, word: str) -> str:
@@ -212,23 +228,34 @@ def markdown(data: dict) -> str:
     head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
     lines = [
         f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
-        f"checkpoint `{data['checkpoint']}`, {data['device']}, {data['date']})"
+        f"checkpoint `{data['checkpoint']}`, {data['device']}, {data['date']}; PSNR ± its standard error over views)"
         + (f"; not measured (no local weights): {', '.join(sorted(data['missing_metrics']))}" if data["missing_metrics"] else ""),
         "",
-        "| sampler | scheduler | steps | " + " | ".join(head[c] for c in cols) + " | s / view | faster than paper |",
-        "|---|---|---|" + "---|" * len(cols) + "---|---|",
+        "| sampler | scheduler | steps | guidance | " + " | ".join(head[c] for c in cols) + " | s / view | faster than paper |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
     ]
-    ref = next((r for r in data["rows"] if r["sampler"] == "paper"), None)
+    papers = {r.get("guidance_scale"): r for r in data["rows"] if r["sampler"] == "paper"}
 
     def cells(r: dict) -> list[str]:
-        return [f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}" if c in r else "n/a" for c in cols]
+        out = []
+        for c in cols:
+            if c not in r:
+                out.append("n/a")
+                continue
+            text = f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}"
+            if c == "psnr" and isinstance(r.get("psnr_se"), float) and math.isfinite(r["psnr_se"]):
+                text += f" ± {r['psnr_se']:.2f}"
+            out.append(text)
+        return out
 
     for r in data["rows"]:
+        ref = papers.get(r.get("guidance_scale"))  # the paper sampler at the same guidance scale
         speed = f"{ref['seconds_per_view'] / r['seconds_per_view']:.1f}x" if ref else "–"
-        lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | " + " | ".join(cells(r))
-                     + f" | {r['seconds_per_view']:.2f} | {speed} |")
+        scale = f"{r['guidance_scale']:g}" if isinstance(r.get("guidance_scale"), (int, float)) else "–"
+        lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | {scale} | "
+                     + " | ".join(cells(r)) + f" | {r['seconds_per_view']:.2f} | {speed} |")
     if data.get("baseline"):  # what no sampler should fall below
-        lines.append("| copy the input view (baseline) | – | 0 | " + " | ".join(cells(data["baseline"])) + " | – | – |")
+        lines.append("| copy the input view (baseline) | – | 0 | – | " + " | ".join(cells(data["baseline"])) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -256,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64, 256], help="steps of the fast samplers")
     ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     ap.add_argument("--paper-steps", type=int, default=None, help="steps of the paper sampler (default: its own)")
+    ap.add_argument("--guidance-scales", type=float, nargs="+", default=None,
+                    help="classifier-free guidance scales; every sampler row at each (default: the checkpoint's)")
     ap.add_argument("--metrics", nargs="*", default=None,
                     help=f"optional metrics among {OPTIONAL_METRICS} (default: every one whose weights are present)")
     ap.add_argument("--data-root", default=None, help="override data.init_args.root")
@@ -290,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = dm.test_dataloader()
     metrics, missing = available_metrics(args.metrics)
     rows = []
-    for name, sampler in make_samplers(model, args.samplers, args.steps, args.paper_steps):
+    for name, sampler in make_samplers(model, args.samplers, args.steps, args.paper_steps, args.guidance_scales):
         res = evaluate(model, loader, sampler, metrics, device)
         row = {"sampler": name, "scheduler": type(sampler.scheduler).__name__, "steps": sampler.num_steps,
                "guidance_scale": sampler.guidance_scale, "scheduler_spec": to_spec(sampler.scheduler), **res}

@@ -139,7 +139,7 @@ def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
     # two steps of DPM-Solver++ with a first-order final step are DDIM on the same timesteps and seeds
     assert rows["dpmpp"]["psnr"] == pytest.approx(rows["ddim"]["psnr"], abs=1e-3)
     md = out.with_suffix(".md").read_text()
-    assert "| dpmpp | DPMSolverMultistepScheduler | 2 |" in md and "no local weights" in md
+    assert f"| dpmpp | DPMSolverMultistepScheduler | 2 | {scale:g} |" in md and "no local weights" in md
     # the copy baseline on the same view: input view 0 copied onto the target, PSNR by hand
     batch = next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), argparse.Namespace(
         data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=1, config=str(config))).test_dataloader()))
@@ -148,3 +148,32 @@ def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
     assert data["baseline"]["method"] == "copy_input"
     assert data["baseline"]["psnr"] == pytest.approx(-10 * math.log10(mse), abs=1e-4)
     assert "| copy the input view (baseline) | – | 0 |" in md
+
+
+def test_samplers_guidance_sweep_and_psnr_spread(trained, toy_root, tmp_path):
+    """``--guidance-scales`` repeats every sampler row at each scale; ``psnr_se`` is the standard error of the
+    per-view PSNRs, checked by hand on the copy baseline's two views."""
+    samplers = _load("samplers")
+    _, ckpt, _ = trained
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"class_path": "genvs.data.ToyDataModule", "init_args": {
+        "root": str(toy_root), "toy": TINY_TOY.__dict__, "image_size": 32, "n_context": 1, "n_target": 1}}}))
+    out = tmp_path / "sweep.json"
+    data = samplers.main(["--config", str(config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "2",
+                          "--input-views", "0", "--samplers", "paper", "ddim", "--steps", "2", "--paper-steps", "2",
+                          "--guidance-scales", "1", "3", "--metrics", "--out", str(out), "--no-readme"])
+    assert [(r["sampler"], r["guidance_scale"]) for r in data["rows"]] == [
+        ("paper", 1.0), ("ddim", 1.0), ("paper", 3.0), ("ddim", 3.0)]
+    ddim = [r for r in data["rows"] if r["sampler"] == "ddim"]
+    assert all(r["num_views"] == 2 and r["psnr_se"] > 0 for r in data["rows"])
+    batch = next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), argparse.Namespace(
+        data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=2, config=str(config))).test_dataloader()))
+    context, target = batch.split()
+    a, b = (-10 * math.log10(float(((target.images[:, v] - context.images[:, 0]) / 2).pow(2).mean())) for v in (0, 1))
+    assert data["baseline"]["psnr"] == pytest.approx((a + b) / 2, abs=1e-4)
+    assert data["baseline"]["psnr_se"] == pytest.approx(abs(a - b) / 2, abs=1e-4)
+    md = out.with_suffix(".md").read_text()
+    assert "| ddim | DDIMScheduler | 2 | 3 | " in md and f"± {ddim[1]['psnr_se']:.2f}" in md
+    paper3 = next(r for r in data["rows"] if r["sampler"] == "paper" and r["guidance_scale"] == 3.0)
+    assert f"| paper | DDPMScheduler | 2 | 3 | " in md and md.count("| 1.0x |") == 2  # speed against its own scale
+    assert paper3["seconds_per_view"] > 0
