@@ -175,5 +175,6 @@ def test_samplers_guidance_sweep_and_psnr_spread(trained, toy_root, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| ddim | DDIMScheduler | 2 | 3 | " in md and f"± {ddim[1]['psnr_se']:.2f}" in md
     paper3 = next(r for r in data["rows"] if r["sampler"] == "paper" and r["guidance_scale"] == 3.0)
-    assert f"| paper | DDPMScheduler | 2 | 3 | " in md and md.count("| 1.0x |") == 2  # speed against its own scale
+    paper_rows = [line for line in md.splitlines() if line.startswith("| paper |")]
+    assert len(paper_rows) == 2 and all(line.endswith("| 1.0x |") for line in paper_rows)  # against its own scale
     assert paper3["seconds_per_view"] > 0
