@@ -97,32 +97,34 @@ def paper_sampler_spec(cls: type) -> dict:
 
 def make_samplers(model, names: list[str], steps: list[int], paper_steps: int | None,
                   guidance_scales: list[float] | None = None) -> list[tuple[str, Any]]:
-    """``(name, Sampler)`` rows: the paper's sampler at its step count, then each fast sampler at ``steps``,
-    at each of ``guidance_scales`` (default: the checkpoint's), all at the checkpoint's noise temperature."""
+    """``(name, Sampler)`` rows: the paper's sampler at its step count, then each fast sampler at ``steps``;
+    all of them at each of ``guidance_scales`` (default: the checkpoint's) and the checkpoint's noise
+    temperature."""
     from genvs.core.config import build, spec
     from genvs.core.samplers import DDIMScheduler, Sampler
 
     base = model.sampler
+    keep = dict(guidance_scale=base.guidance_scale, noise_temperature=base.noise_temperature)
     clip = bool(base.scheduler.config.get("clip_sample", True))
     rows = []
-    for scale in guidance_scales or [base.guidance_scale]:
-        keep = dict(guidance_scale=scale, noise_temperature=base.noise_temperature)
-        for name in names:
-            if name == "paper":
-                paper = build(paper_sampler_spec(type(model)), Sampler, "sampler")
-                rows.append(("paper", paper.replace(num_steps=paper_steps or paper.num_steps, **keep)))
-            elif name == "ddim":
-                for n in steps:
-                    sched = spec(DDIMScheduler, timestep_spacing="trailing", clip_sample=clip)
-                    rows.append(("ddim", Sampler(sched, num_steps=n, eta=0.0, **keep)))
-            elif name == "dpmpp":
-                for n in steps:
-                    sched = spec("diffusers.DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
-                                 timestep_spacing="trailing", thresholding=clip, sample_max_value=1.0)
-                    rows.append(("dpmpp", Sampler(sched, num_steps=n, **keep)))
-            else:
-                raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
-    return rows
+    for name in names:
+        if name == "paper":
+            paper = build(paper_sampler_spec(type(model)), Sampler, "sampler")
+            rows.append(("paper", paper.replace(num_steps=paper_steps or paper.num_steps, **keep)))
+        elif name == "ddim":
+            for n in steps:
+                sched = spec(DDIMScheduler, timestep_spacing="trailing", clip_sample=clip)
+                rows.append(("ddim", Sampler(sched, num_steps=n, eta=0.0, **keep)))
+        elif name == "dpmpp":
+            for n in steps:
+                sched = spec("diffusers.DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+                             timestep_spacing="trailing", thresholding=clip, sample_max_value=1.0)
+                rows.append(("dpmpp", Sampler(sched, num_steps=n, **keep)))
+        else:
+            raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}")
+    if guidance_scales is None:
+        return rows
+    return [(name, s.replace(guidance_scale=g)) for g in guidance_scales for name, s in rows]
 
 
 def available_metrics(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -183,20 +185,12 @@ def build_datamodule(config: dict, args) -> Any:
     return dm
 
 
-def view_psnr(pred, target):
-    """PSNR of every view ``[...]`` of ``[..., C, H, W]`` images in [-1, 1] (NVSMetrics' PSNR is their mean)."""
-    import torch
-
-    mse = ((pred.float() - target.float()) / 2).pow(2).flatten(-3).mean(-1)
-    return -10 * torch.log10(mse)
-
-
 def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[str, Any]:
     """Generate every test batch with ``sampler`` and score it; wall time of generation only. ``psnr_se`` is
     the standard error of the mean PSNR over views (their spread, not the sampler's seed noise alone)."""
     import torch
 
-    from genvs.eval.metrics import NVSMetrics
+    from genvs.eval.metrics import NVSMetrics, psnr_per_image
 
     scorer = NVSMetrics(metrics=metrics).to(device)
     seconds, views, psnrs = 0.0, 0, []
@@ -211,7 +205,7 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[st
         seconds += time.perf_counter() - t
         views += pred.B * pred.V
         scorer.update(pred.images.float(), batch.targets.images.float())
-        psnrs.append(view_psnr(pred.images, batch.targets.images).flatten().cpu())
+        psnrs.append(psnr_per_image((pred.images + 1) / 2, (batch.targets.images + 1) / 2).flatten().cpu())
     scores = scorer.compute()
     psnr = torch.cat(psnrs).double()
     se = float(psnr.std() / math.sqrt(len(psnr))) if len(psnr) > 1 else float("nan")

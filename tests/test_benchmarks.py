@@ -113,14 +113,27 @@ def test_child_time_limit_is_reported(bench):
     assert r["failed"] == "timed out after 1 s" and r["method"] == "threedim"
 
 
-def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
-    samplers = _load("samplers")
-    _, ckpt, _ = trained
+@pytest.fixture
+def tiny_config(toy_root, tmp_path) -> Path:
+    """A run config whose data section is the tiny toy set (what samplers.py reads the test split from)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"data": {"class_path": "genvs.data.ToyDataModule", "init_args": {
         "root": str(toy_root), "toy": TINY_TOY.__dict__, "image_size": 32, "n_context": 1, "n_target": 1}}}))
+    return config
+
+
+def _first_test_batch(samplers, config: Path, num_targets: int):
+    """samplers.py's first test batch of ``config`` (input view 0, one scene), split into context and target."""
+    args = argparse.Namespace(data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=num_targets,
+                              config=str(config))
+    return next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), args).test_dataloader())).split()
+
+
+def test_samplers_on_tiny_checkpoint(trained, tiny_config, tmp_path):
+    samplers = _load("samplers")
+    _, ckpt, _ = trained
     out = tmp_path / "samplers.json"
-    data = samplers.main(["--config", str(config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "1",
+    data = samplers.main(["--config", str(tiny_config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "1",
                           "--input-views", "0", "--steps", "2", "--paper-steps", "2", "--out", str(out), "--no-readme"])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert data["method"] == "ThreeDiM" and data["num_views"] == 1
@@ -141,34 +154,27 @@ def test_samplers_on_tiny_checkpoint(trained, toy_root, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert f"| dpmpp | DPMSolverMultistepScheduler | 2 | {scale:g} |" in md and "no local weights" in md
     # the copy baseline on the same view: input view 0 copied onto the target, PSNR by hand
-    batch = next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), argparse.Namespace(
-        data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=1, config=str(config))).test_dataloader()))
-    context, target = batch.split()
+    context, target = _first_test_batch(samplers, tiny_config, num_targets=1)
     mse = float(((target.images - context.images[:, :1]) / 2).pow(2).mean())
     assert data["baseline"]["method"] == "copy_input"
     assert data["baseline"]["psnr"] == pytest.approx(-10 * math.log10(mse), abs=1e-4)
     assert "| copy the input view (baseline) | – | 0 |" in md
 
 
-def test_samplers_guidance_sweep_and_psnr_spread(trained, toy_root, tmp_path):
+def test_samplers_guidance_sweep_and_psnr_spread(trained, tiny_config, tmp_path):
     """``--guidance-scales`` repeats every sampler row at each scale; ``psnr_se`` is the standard error of the
     per-view PSNRs, checked by hand on the copy baseline's two views."""
     samplers = _load("samplers")
     _, ckpt, _ = trained
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"data": {"class_path": "genvs.data.ToyDataModule", "init_args": {
-        "root": str(toy_root), "toy": TINY_TOY.__dict__, "image_size": 32, "n_context": 1, "n_target": 1}}}))
     out = tmp_path / "sweep.json"
-    data = samplers.main(["--config", str(config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "2",
+    data = samplers.main(["--config", str(tiny_config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "2",
                           "--input-views", "0", "--samplers", "paper", "ddim", "--steps", "2", "--paper-steps", "2",
                           "--guidance-scales", "1", "3", "--metrics", "--out", str(out), "--no-readme"])
     assert [(r["sampler"], r["guidance_scale"]) for r in data["rows"]] == [
         ("paper", 1.0), ("ddim", 1.0), ("paper", 3.0), ("ddim", 3.0)]
     ddim = [r for r in data["rows"] if r["sampler"] == "ddim"]
     assert all(r["num_views"] == 2 and r["psnr_se"] > 0 for r in data["rows"])
-    batch = next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), argparse.Namespace(
-        data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=2, config=str(config))).test_dataloader()))
-    context, target = batch.split()
+    context, target = _first_test_batch(samplers, tiny_config, num_targets=2)
     a, b = (-10 * math.log10(float(((target.images[:, v] - context.images[:, 0]) / 2).pow(2).mean())) for v in (0, 1))
     assert data["baseline"]["psnr"] == pytest.approx((a + b) / 2, abs=1e-4)
     assert data["baseline"]["psnr_se"] == pytest.approx(abs(a - b) / 2, abs=1e-4)

@@ -14,7 +14,7 @@ import scipy.signal
 import torch
 
 from genvs.eval import metrics as M
-from genvs.eval.metrics import InceptionFID, InceptionKID, MetricsConfig, MissingWeightsError, NVSMetrics
+from genvs.eval.metrics import InceptionFID, InceptionKID, MetricsConfig, MissingWeightsError, NVSMetrics, psnr_per_image
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -394,3 +394,18 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert got["ssim"] == pytest.approx(ref["ssim"], abs=1e-9)
     assert got["fid"] == pytest.approx(float(fid.compute()), rel=1e-9)
     assert got["kid"] == pytest.approx(float(kid.compute()[0]), rel=1e-9)
+
+
+def test_psnr_per_image_by_hand_and_as_nvsmetrics_mean():
+    """Per-image PSNR over any leading shape: a uniform error of 0.1 is 20 dB, identical images hit the
+    1e-10 MSE floor (100 dB), and the mean over images is NVSMetrics' PSNR."""
+    target = torch.rand(2, 3, 3, 16, 16)
+    pred = (target + 0.1).clone()
+    pred[1, 2] = target[1, 2]
+    p = psnr_per_image(pred, target)
+    assert p.shape == (2, 3)
+    assert torch.allclose(p[0], torch.full((3,), 20.0), atol=1e-4) and p[1, 2] == pytest.approx(100.0)
+    m = NVSMetrics(metrics=["psnr"])
+    pred2, target2 = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    m.update(pred2 * 2 - 1, target2 * 2 - 1)
+    assert m.compute()["psnr"] == pytest.approx(float(psnr_per_image(pred2, target2).mean()), abs=1e-4)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genvs.core.cameras import camera_rays
-from genvs.eval.metrics import ssim
+from genvs.eval.metrics import psnr_per_image, ssim
 
 __all__ = ["ConsistencyConfig", "ConsistencyResult", "VoxelField", "consistency_score", "held_out_indices"]
 
@@ -228,12 +228,6 @@ def _render(
     return (w[..., None] * rgb).sum(-2) + (1 - acc) * background
 
 
-def _psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of ``[N, 3, H, W]`` images in [0, 1]."""
-    mse = (a - b).square().flatten(1).mean(-1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
 # -------------------------------------------------------------------------------------------- API
 def consistency_score(
     images: Tensor,
@@ -343,7 +337,7 @@ def _fit(
                 rendered.append(_render(fld, oa[s:e], da[s:e], t0a[s:e], t1a[s:e], cfg.samples_per_ray, cfg.background))
             pred = torch.cat(rendered).view(V, H, W, 3).permute(0, 3, 1, 2)  # [V, 3, H, W] in [0, 1]
             gt = target.view(V, H, W, 3).permute(0, 3, 1, 2)
-            psnr_all = _psnr(pred, gt)  # [V]
+            psnr_all = psnr_per_image(pred, gt)  # [V]
             hi = torch.tensor(held, device=device)
             ssim_held = ssim(pred[hi], gt[hi], data_range=1.0)  # [n]
 

@@ -52,6 +52,7 @@ __all__ = [
     "InceptionKID",
     "SSIM",
     "ssim",
+    "psnr_per_image",
     "WeightsSpec",
     "INCEPTION_WEIGHTS",
     "LPIPS_BACKBONE_WEIGHTS",
@@ -262,6 +263,14 @@ def build_lpips(
         raise MissingWeightsError(f"{lin_path} is not an LPIPS {net} linear-layer file (missing {bad}). " + _fix_text(lin_spec, lin_path))
     model.load_state_dict({k: lin[k] for k in lin_keys}, strict=False)
     return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------- PSNR
+def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    """PSNR (dB) of every image of ``[..., C, H, W]`` images in [0, 1], shape ``[...]`` (the MSE floored at
+    1e-10, so identical images give 100 dB); NVSMetrics' PSNR is their mean."""
+    mse = (pred.float() - target.float()).square().flatten(-3).mean(-1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 # ------------------------------------------------------------------------------------- SSIM
