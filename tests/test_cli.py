@@ -151,3 +151,18 @@ def test_default_precision_follows_the_hardware(monkeypatch):
     assert (cli.default_precision("auto"), cli.default_precision("cpu")) == ("32-true", "bf16-mixed")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
     assert cli.default_precision("cpu") == "32-true"
+
+
+def test_dfm_toy_cars_overlay_shares_the_3dim_toy_data(capsys):
+    # the overlay's DFM run is scored on the same toy cars and views as the 3DiM toy config (README table)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(root / "dfm_toy.yaml"), "--config", str(root / "dfm_toy_cars.yaml"), "--print_config"])
+    dfm = yaml.safe_load(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(root / "3dim_toy.yaml"), "--print_config"])
+    threedim = yaml.safe_load(capsys.readouterr().out)
+    assert dfm["model"]["class_path"] == "genvs.methods.dfm.DFM"
+    for key in ("root", "toy", "val_protocol", "test_protocol"):
+        assert dfm["data"]["init_args"][key] == threedim["data"]["init_args"][key], key
+    assert dfm["trainer"]["max_steps"] == 6000
