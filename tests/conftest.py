@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".torch_home_unused"))
 
@@ -69,6 +70,15 @@ def tiny_args(toy_root: Path, out: Path) -> list[str]:
         "--trainer.default_root_dir", str(out),
         "--trainer.enable_progress_bar", "false",
     ]
+
+
+def printed_config(capsys, args: list[str]) -> dict:
+    """The resolved config that `genvs fit <args> --print_config` prints, as a dict."""
+    from genvs.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.fixture(scope="session")

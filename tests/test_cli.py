@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY_TOY, TINY_XUNET, tiny_args
+from conftest import TINY_TOY, TINY_XUNET, printed_config, tiny_args
 from genvs.cli import main
 from genvs.core.registry import UnknownMethodError, resolve_method
 from genvs.methods.threedim import ThreeDiM
@@ -58,9 +58,7 @@ def test_checkpoint_reloads_outside_the_cli(trained, toy_root):
 
 
 def test_print_config_shows_every_default(toy_root, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", *tiny_args(toy_root, tmp_path), "--print_config"])
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(capsys, tiny_args(toy_root, tmp_path))
     sched = cfg["model"]["init_args"]["sampler"]["init_args"]["scheduler"]
     assert sched["class_path"] == "genvs.core.samplers.DDIMScheduler"
     assert sched["init_args"]["timestep_spacing"] == "trailing" and "beta_schedule" in sched["init_args"]
@@ -156,12 +154,8 @@ def test_default_precision_follows_the_hardware(monkeypatch):
 def test_dfm_toy_cars_overlay_shares_the_3dim_toy_data(capsys):
     # the overlay's DFM run is scored on the same toy cars and views as the 3DiM toy config (README table)
     root = Path(__file__).resolve().parents[1] / "configs"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(root / "dfm_toy.yaml"), "--config", str(root / "dfm_toy_cars.yaml"), "--print_config"])
-    dfm = yaml.safe_load(capsys.readouterr().out)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(root / "3dim_toy.yaml"), "--print_config"])
-    threedim = yaml.safe_load(capsys.readouterr().out)
+    dfm = printed_config(capsys, ["--config", str(root / "dfm_toy.yaml"), "--config", str(root / "dfm_toy_cars.yaml")])
+    threedim = printed_config(capsys, ["--config", str(root / "3dim_toy.yaml")])
     assert dfm["model"]["class_path"] == "genvs.methods.dfm.DFM"
     for key in ("root", "toy", "val_protocol", "test_protocol"):
         assert dfm["data"]["init_args"][key] == threedim["data"]["init_args"][key], key

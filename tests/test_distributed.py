@@ -16,7 +16,7 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import DataLoader
 
-from conftest import TINY_TOY, TINY_XUNET
+from conftest import TINY_TOY, TINY_XUNET, printed_config
 from genvs.core.diffusion import EMA, CosineLogSNRSchedule, DiscreteSchedule
 from genvs.core.distributed import BatchRNG, clean_param_name, fsdp_wrapped_types
 from genvs.core.model import NonFiniteLossError, OptimConfig
@@ -357,11 +357,7 @@ BASE_CARS = Path(__file__).parents[1] / "configs" / "3dim_cars.yaml"
     ],
 )
 def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, strategy, capsys):
-    from genvs.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(BASE_CARS), "--config", str(MULTIGPU / overlay), "--print_config"])
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(capsys, ["--config", str(BASE_CARS), "--config", str(MULTIGPU / overlay)])
     base = yaml.safe_load(BASE_CARS.read_text())
     tr = cfg["trainer"]
     assert (tr["num_nodes"], tr["devices"], tr["precision"]) == (nodes, 8, "bf16-mixed")
@@ -384,12 +380,8 @@ def test_multigpu_overlays_keep_the_model_and_the_global_batch(overlay, nodes, s
 
 
 def test_toy_cpu_overlay_runs_two_processes_on_the_toy_model(capsys):
-    from genvs.cli import main
-
     path = Path(__file__).parents[1] / "configs" / "3dim_toy.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(path), "--config", str(MULTIGPU / "3dim_toy_cpu_2proc.yaml"), "--print_config"])
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(capsys, ["--config", str(path), "--config", str(MULTIGPU / "3dim_toy_cpu_2proc.yaml")])
     base = yaml.safe_load(path.read_text())
     tr = cfg["trainer"]
     assert (tr["accelerator"], tr["devices"], tr["strategy"]) == ("cpu", 2, "ddp")

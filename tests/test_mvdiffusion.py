@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import printed_config
 from genvs.cli import main, run
 from genvs.core.cameras import intrinsics_from_fov
 from genvs.core.geometry import equirect_directions, equirect_to_perspective, project_points, unproject_depth
@@ -470,9 +471,7 @@ def test_cli_fit_predict_roundtrip(config, rooms_root, tmp_path):
 def test_paper_configs_parse_and_name_missing_weights(tmp_path, capsys):
     import yaml
 
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs/mvdiffusion_panorama.yaml"), "--print_config"])
-    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    model = printed_config(capsys, ["--config", str(ROOT / "configs/mvdiffusion_panorama.yaml")])["model"]["init_args"]
     sampler = model["sampler"]["init_args"]
     assert sampler["num_steps"] == 50 and sampler["guidance_scale"] == 9.0 and model["build_tiny_sd_if_missing"] is False
     assert sampler["scheduler"]["init_args"]["clip_sample"] is False

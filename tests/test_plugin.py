@@ -14,11 +14,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
-from conftest import TINY_TOY
+from conftest import TINY_TOY, printed_config
 from genvs.cli import main, run
 from genvs.core.diffusion import CosineLogSNRSchedule, diffusion_loss, q_sample
 from genvs.core.model import BaseNVSModel, OptimConfig
@@ -117,11 +118,7 @@ def test_plugin_and_builtin_results_merge_into_one_table(installed, toy_root, tm
 def test_example_config_names_the_plugin(installed, toy_root, tmp_path, capsys):
     """The tutorial's YAML selects the method by its registry name and matches 3DiM's toy data settings."""
     config = EXAMPLE / "configs" / "tinydiff_toy.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--print_config"])
-    import yaml
-
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = printed_config(capsys, ["--config", str(config)])
     assert cfg["model"]["class_path"] == "genvs_plugin_example.TinyDiff"
     assert cfg["model"]["init_args"]["network"]["init_args"]["ch_mult"] == [1, 2, 2]
     threedim = yaml.safe_load((Path(__file__).parents[1] / "configs" / "3dim_toy.yaml").read_text())
