@@ -114,6 +114,11 @@ def run_ddp() -> None:
         trainer.fit(model, datamodule=RankData())
     except NonFiniteLossError as e:
         say(f"STOPPED rank={trainer.global_rank} step={trainer.global_step} {e}")
+    finally:
+        # Lightning leaves the gloo group up after the error; its threads then abort the interpreter's exit
+        # now and then ("terminate called without an active exception", return code -6)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
