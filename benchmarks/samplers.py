@@ -187,7 +187,8 @@ def build_datamodule(config: dict, args) -> Any:
 
 def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[str, Any]:
     """Generate every test batch with ``sampler`` and score it; wall time of generation only. ``psnr_se`` is
-    the standard error of the mean PSNR over views (their spread, not the sampler's seed noise alone)."""
+    the standard error of the mean PSNR over views (their spread, not the sampler's seed noise alone; None for
+    one view)."""
     import torch
 
     from genvs.eval.metrics import NVSMetrics, psnr_per_image
@@ -208,7 +209,7 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[st
         psnrs.append(psnr_per_image((pred.images + 1) / 2, (batch.targets.images + 1) / 2).flatten().cpu())
     scores = scorer.compute()
     psnr = torch.cat(psnrs).double()
-    se = float(psnr.std() / math.sqrt(len(psnr))) if len(psnr) > 1 else float("nan")
+    se = float(psnr.std() / math.sqrt(len(psnr))) if len(psnr) > 1 else None
     return {**scores, "psnr_se": se, "seconds_per_view": seconds / max(views, 1), "num_views": views,
             "generation_s": seconds, "notes": list(scorer.notes)}
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     data["machine"] = _bench_run().machine()
     out = Path(args.out) if args.out else RESULTS / f"samplers_{cls.__name__.lower()}_{dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)) + "\n")
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(markdown(data) + "\n")
     print(markdown(data))
     if not args.no_readme:

@@ -1,4 +1,5 @@
-"""Lightning plumbing shared by every method: image grids, prediction writer, atomic checkpoints."""
+"""Lightning plumbing shared by every method: image grids, prediction writer, atomic checkpoints,
+progress bar."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 from torch import Tensor
@@ -24,6 +26,7 @@ __all__ = [
     "save_mp4",
     "colorize_depth",
     "PredictionWriter",
+    "StepBoundProgressBar",
     "AtomicCheckpointIO",
     "CheckpointError",
     "check_checkpoint",
@@ -113,6 +116,20 @@ def colorize_depth(depth: Tensor) -> Tensor:
     rgb = _DEPTH_COLORS[i0] * (1 - w) + _DEPTH_COLORS[i0 + 1] * w  # [N, 1, H, W, 3]
     rgb = torch.where(valid[..., None], rgb, torch.zeros_like(rgb))
     return rgb[:, 0].permute(0, 3, 1, 2)
+
+
+class StepBoundProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, except that a run bounded by ``max_steps`` (``max_epochs=-1``) reads
+    "Epoch 30 · max_steps 12000" rather than Lightning's "Epoch 30/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        if self.trainer.max_steps > 0:
+            description += f" · max_steps {self.trainer.max_steps}"
+        return f"{description:{len(self.validation_description)}}"
 
 
 class PredictionWriter(L.Callback):

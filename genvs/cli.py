@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from genvs.callbacks import PredictionWriter, check_checkpoint, load_checkpoint
+from genvs.callbacks import PredictionWriter, StepBoundProgressBar, check_checkpoint, load_checkpoint
 from genvs.core.model import BaseNVSModel, check_checkpoint_method
 from genvs.core.registry import (
     MethodLoadError,
@@ -103,7 +103,7 @@ class GenvsCLI(LightningCLI):
         # monitoring whenever there is a logger to write it to
         cbs = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in cbs):
-            callbacks = [*callbacks, RichProgressBar(leave=True)]
+            callbacks = [*callbacks, StepBoundProgressBar(leave=True)]
         if config.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in cbs):
             callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
         return super()._instantiate_trainer(config, callbacks)

@@ -137,6 +137,8 @@ def test_samplers_on_tiny_checkpoint(trained, tiny_config, tmp_path):
                           "--input-views", "0", "--steps", "2", "--paper-steps", "2", "--out", str(out), "--no-readme"])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(data["rows"]))
     assert data["method"] == "ThreeDiM" and data["num_views"] == 1
+    written = json.loads(out.read_text())
+    assert all(r["psnr_se"] is None for r in [*written["rows"], written["baseline"]])  # one view: no spread
     assert set(data["missing_metrics"]) == {"lpips", "fid", "kid"}  # no weights under the tests' TORCH_HOME
     assert not any(str(Path.home()) in m or str(BENCH.parent) in m for m in data["missing_metrics"].values())
     rows = {r["sampler"]: r for r in data["rows"]}

@@ -160,3 +160,20 @@ def test_dfm_toy_cars_overlay_shares_the_3dim_toy_data(capsys):
     for key in ("root", "toy", "val_protocol", "test_protocol"):
         assert dfm["data"]["init_args"][key] == threedim["data"]["init_args"][key], key
     assert dfm["trainer"]["max_steps"] == 6000
+
+
+@pytest.mark.parametrize(
+    ("bounds", "description"),
+    [({"max_steps": 12000}, "Epoch 30 · max_steps 12000"), ({"max_epochs": 5}, "Epoch 30/4"),
+     ({"max_steps": 10, "max_epochs": 3}, "Epoch 30/2")],
+)
+def test_progress_bar_names_the_bound_of_the_run(bounds, description):
+    # Lightning's own bar reads "Epoch 30/-2" when only max_steps bounds the run (max_epochs=-1)
+    import lightning as L
+
+    from genvs.callbacks import StepBoundProgressBar
+
+    bar = StepBoundProgressBar()
+    trainer = L.Trainer(**bounds, callbacks=[bar], logger=False, enable_checkpointing=False)
+    bar.setup(trainer, None, "fit")
+    assert bar._get_train_description(30).rstrip() == description
