@@ -326,8 +326,7 @@ def spiral_poses(n: int, radius: float) -> Tensor:
     s = (torch.arange(n) + 0.5) / n
     el = torch.asin(1 - s)  # from near the pole down to the equator
     az = s * 2 * math.pi * 6  # six turns
-    eye = torch.stack([torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], -1) * radius
-    return look_at(eye)
+    return look_at(spherical_to_cartesian(torch.full((n,), radius), az, el))
 
 
 def turntable_poses(n: int, radius: float, elevation_deg: float, generator: torch.Generator | None = None) -> Tensor:
