@@ -149,6 +149,24 @@ def _without_machine_paths(text: str) -> str:
     return text.replace(str(ROOT), "<repo>").replace(str(Path.home()), "~")
 
 
+def merged_config(paths: list[str]) -> dict:
+    """The YAML files merged in order, later keys over earlier ones, nested sections key by key (a section
+    naming another ``class_path`` replaces the earlier one whole), as LightningCLI merges ``--config``s."""
+    import yaml
+
+    def merge(base: Any, over: Any) -> Any:
+        if not (isinstance(base, dict) and isinstance(over, dict)):
+            return over
+        if "class_path" in over and over["class_path"] != base.get("class_path"):
+            return over
+        return {**base, **{k: merge(base[k], v) if k in base else v for k, v in over.items()}}
+
+    config: dict = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
+
+
 def build_datamodule(config: dict, args) -> Any:
     """The config's datamodule on the test split: ``--num-scenes`` scenes, ``--num-targets`` targets each
     (whole rings for panorama datamodules), no worker processes."""
@@ -160,7 +178,7 @@ def build_datamodule(config: dict, args) -> Any:
 
     data = copy.deepcopy(config.get("data"))
     if not isinstance(data, dict) or "class_path" not in data:
-        raise ValueError(f"{args.config}: needs a `data:` section with class_path / init_args")
+        raise ValueError(f"{' + '.join(args.config)}: needs a `data:` section with class_path / init_args")
     init = data.setdefault("init_args", {})
     if args.data_root:
         init["root"] = args.data_root
@@ -269,7 +287,9 @@ def write_readme(readme: Path | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the run's config YAML (its data section gives the test set)")
+    ap.add_argument("--config", required=True, action="append",
+                    help="the run's config YAML (its data section gives the test set); repeat it for overlays, "
+                         "merged in order as `genvs fit --config A --config B` does")
     ap.add_argument("--ckpt", required=True, help="a genvs checkpoint (.ckpt) of that run")
     ap.add_argument("--num-scenes", type=int, default=4, help="test scenes (first N)")
     ap.add_argument("--num-targets", type=int, default=4, help="target views per scene")
@@ -290,7 +310,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
-    import yaml
 
     from genvs.callbacks import check_checkpoint
     from genvs.core.config import to_spec
@@ -300,12 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"{flag} must be at least 1, got {n}")
     if any(s < 1 for s in args.steps):
         ap.error(f"--steps must be positive, got {args.steps}")
-    config_path = Path(args.config)
-    if not config_path.is_file():
-        ap.error(f"--config {args.config}: no such file")
+    for path in args.config:
+        if not Path(path).is_file():
+            ap.error(f"--config {path}: no such file")
     ckpt_path = check_checkpoint(args.ckpt)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = merged_config(args.config)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cls = method_class(config, ckpt)
     del ckpt
@@ -328,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
-        "method": cls.__name__, "dataset": dataset, "config": str(args.config), "checkpoint": _portable(args.ckpt),
+        "method": cls.__name__, "dataset": dataset, "config": " + ".join(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
         "metrics": metrics, "missing_metrics": missing, "device": device, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": {"method": "copy_input", **baseline},

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_TOY
+from conftest import TINY_TOY, printed_config
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
@@ -125,8 +125,30 @@ def tiny_config(toy_root, tmp_path) -> Path:
 def _first_test_batch(samplers, config: Path, num_targets: int):
     """samplers.py's first test batch of ``config`` (input view 0, one scene), split into context and target."""
     args = argparse.Namespace(data_root=None, batch_size=None, input_views=[0], num_scenes=1, num_targets=num_targets,
-                              config=str(config))
+                              config=[str(config)])
     return next(iter(samplers.build_datamodule(yaml.safe_load(config.read_text()), args).test_dataloader())).split()
+
+
+def test_samplers_merges_config_overlays_as_genvs_fit(capsys, tmp_path):
+    """``--config A --config B``: every key the YAMLs set has the value `genvs fit` resolves it to."""
+    samplers = _load("samplers")
+    configs = [str(BENCH.parent / "configs" / name) for name in ("dfm_toy.yaml", "dfm_toy_cars.yaml")]
+    merged = samplers.merged_config(configs)
+    resolved = printed_config(capsys, [arg for c in configs for arg in ("--config", c)])
+
+    def check(set_here: dict, full: dict, where: str) -> None:
+        for key, value in set_here.items():
+            if isinstance(value, dict) and isinstance(full[key], dict):
+                check(value, full[key], f"{where}.{key}")
+            else:
+                assert full[key] == value, f"{where}.{key}"
+
+    check(merged, resolved, "config")
+    assert merged["data"]["init_args"]["root"] == "data/toy_cars" and merged["data"]["init_args"]["image_size"] == 32
+    # a section naming another class replaces the earlier one whole
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"data": {"class_path": "genvs.data.SRNDataModule", "init_args": {"root": "srn"}}}))
+    assert samplers.merged_config([*configs, str(other)])["data"] == yaml.safe_load(other.read_text())["data"]
 
 
 def test_samplers_on_tiny_checkpoint(trained, tiny_config, tmp_path):
