@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo): real 2-process Lightning DDP and FSDP runs of the tiny 3DiM.
+"""Multi-process runs on CPU (gloo): real 2-process Lightning DDP and FSDP training of the tiny 3DiM, and a
+2-process `genvs test`.
 
 Two processes with batch ``b`` each must train exactly like one process with batch ``2b``: the
 `EpochSampler` gives the two ranks the same examples (interleaved) as the single process's batch, and
@@ -166,3 +167,33 @@ def test_fsdp_resumes_a_ddp_checkpoint_shards_blocks_and_saves_a_full_checkpoint
     got, want = checkpoint(root / "fsdp", STEPS), checkpoint(root / "two", STEPS)
     assert_same_weights(weights(got), weights(want), rtol=1e-4, atol=1e-6)
     assert int(got["state_dict"]["ema.num_updates"]) == STEPS
+
+
+def test_ddp_genvs_test_scores_every_scene_once_as_one_process(toy_root, tmp_path):
+    """`genvs test` on 2 processes scores each test scene once, and the metrics reduced over the processes
+    equal the single process's. The copy baseline has no sampling noise (which is seeded per rank), so the
+    two runs score the same images. Lightning must not warn that the epoch-level metrics are unsynchronised."""
+    from conftest import tiny_args
+    from genvs.cli import run
+
+    def test_args(out: Path) -> list[str]:
+        return ["test", *tiny_args(toy_root, out), "--model", "copy_input", "--evaluation.results_dir", str(out),
+                "--trainer.accelerator", "cpu"]
+
+    def record(out: Path) -> dict:
+        (path,) = out.glob("copyinput_toy_*.json")
+        return json.loads(path.read_text())["results"][0]
+
+    run(test_args(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = "import sys; from genvs.cli import main; main(sys.argv[1:])"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *test_args(tmp_path / "two"), "--trainer.devices", "2",
+         "--trainer.strategy", "ddp_fork"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    one, two = record(tmp_path / "one"), record(tmp_path / "two")
+    assert (one["meta"]["world_size"], two["meta"]["world_size"]) == (1, 2)
+    assert two["metrics"]["num_images"] == one["metrics"]["num_images"] == 2 * 3  # 2 scenes x 3 targets
+    for metric in ("psnr", "ssim"):
+        assert two["metrics"][metric] == pytest.approx(one["metrics"][metric], abs=1e-5), metric
+    assert "sync_dist" not in proc.stderr

@@ -645,8 +645,9 @@ class BaseNVSModel(L.LightningModule):
             self.log_image_grid(context, pred, batch.targets)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self._evaluator.compute()  # already reduced over processes
-        self.log_dict({f"val/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=False)
+        scores = self._evaluator.compute()  # already reduced over processes: the same on every rank
+        # sync_dist averages these identical values (a no-op) and keeps Lightning from warning under DDP
+        self.log_dict({f"val/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=True)
         self._evaluator = None
 
     def on_test_epoch_start(self) -> None:
@@ -668,7 +669,7 @@ class BaseNVSModel(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         scores = self._evaluator.compute()
-        self.log_dict({f"test/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=False)
+        self.log_dict({f"test/{k}": v for k, v in scores.items() if k != "num_images"}, sync_dist=True)  # as val
         if self.global_rank == 0:
             self.last_results = self.write_results(scores, time.time() - self._test_started, self._evaluator.notes)
         self._evaluator = None
