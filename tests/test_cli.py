@@ -159,7 +159,7 @@ def test_dfm_toy_cars_overlay_shares_the_3dim_toy_data(capsys):
     assert dfm["model"]["class_path"] == "genvs.methods.dfm.DFM"
     for key in ("root", "toy", "val_protocol", "test_protocol"):
         assert dfm["data"]["init_args"][key] == threedim["data"]["init_args"][key], key
-    assert dfm["trainer"]["max_steps"] == 6000
+    assert dfm["trainer"]["max_steps"] == 12000
 
 
 @pytest.mark.parametrize(
