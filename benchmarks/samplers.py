@@ -18,6 +18,10 @@ seeds. x0 clipping follows the checkpoint's scheduler (``clip_sample``; DPM-Solv
 
     python benchmarks/samplers.py --config configs/3dim_toy.yaml \\
         --ckpt runs/3dim_toy/lightning_logs/version_0/checkpoints/last.ckpt --num-scenes 4 --num-targets 4
+    python benchmarks/samplers.py --config configs/dfm_toy.yaml --config configs/dfm_toy_cars.yaml \\
+        --ckpt runs/dfm_toy_cars/lightning_logs/version_0/checkpoints/last.ckpt --num-scenes 16 --num-targets 4
+
+``--config`` repeats for overlays, merged in order as ``genvs fit --config A --config B`` merges them.
 
 Generation is `BaseNVSModel.generate` (EMA weights, per-batch seeds) on the config's test split with the
 protocol ``input_views`` / ``--num-scenes`` / ``--num-targets``; metrics are `genvs.eval.metrics.NVSMetrics`.
