@@ -25,6 +25,8 @@ seeds. x0 clipping follows the checkpoint's scheduler (``clip_sample``; DPM-Solv
 
 Generation is `BaseNVSModel.generate` (EMA weights, per-batch seeds) on the config's test split with the
 protocol ``input_views`` / ``--num-scenes`` / ``--num-targets``; metrics are `genvs.eval.metrics.NVSMetrics`.
+``--precision`` (default ``auto``: what ``genvs test`` picks for the device) runs it under bf16 autocast
+with a channels_last denoiser for ``bf16-mixed``, as Lightning runs ``genvs test``.
 Writes ``benchmarks/results/samplers_<method>_<dataset>.json`` and ``.md`` and the samplers block of
 ``benchmarks/README.md``.
 """
@@ -207,8 +209,9 @@ def build_datamodule(config: dict, args) -> Any:
     return dm
 
 
-def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[str, Any]:
-    """Generate every test batch with ``sampler`` and score it; wall time of generation only. ``psnr_se`` is
+def evaluate(model, loader, sampler, metrics: list[str], device: str, precision: str = "32-true") -> dict[str, Any]:
+    """Generate every test batch with ``sampler`` (under bf16 autocast for ``bf16-mixed``, as Lightning runs
+    ``genvs test``) and score it; wall time of generation only. ``psnr_se`` is
     the standard error of the mean PSNR over views (their spread, not the sampler's seed noise alone; None for
     one view)."""
     import torch
@@ -222,7 +225,8 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str) -> dict[st
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        _, pred = model.generate(batch, i, sampler=sampler)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            _, pred = model.generate(batch, i, sampler=sampler)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t
@@ -245,7 +249,7 @@ def markdown(data: dict) -> str:
     head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
     lines = [
         f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
-        f"checkpoint `{data['checkpoint']}`, {data['device']}, {data['date']}; PSNR ± its standard error over views)"
+        f"checkpoint `{data['checkpoint']}`, {data['device']}{', ' + data['precision'] if data.get('precision') else ''}, {data['date']}; PSNR ± its standard error over views)"
         + (f"; not measured (no local weights): {', '.join(sorted(data['missing_metrics']))}" if data["missing_metrics"] else ""),
         "",
         "| sampler | scheduler | steps | guidance | " + " | ".join(head[c] for c in cols) + " | s / view | faster than paper |",
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-root", default=None, help="override data.init_args.root")
     ap.add_argument("--batch-size", type=int, default=None, help="override data.init_args.batch_size")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                    help="auto: genvs' default for the device, as genvs test picks it (bf16-mixed on GPUs with bf16 "
+                         "and CPUs with AVX-512-BF16 or AMX, else 32-true)")
     ap.add_argument("--out", default=None, help="results JSON (default results/samplers_<method>_<dataset>.json)")
     ap.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     args = ap.parse_args(argv)
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from genvs.callbacks import check_checkpoint
+    from genvs.cli import default_precision
     from genvs.core.config import to_spec
 
     for flag, n in (("--num-scenes", args.num_scenes), ("--num-targets", args.num_targets)):
@@ -333,12 +341,15 @@ def main(argv: list[str] | None = None) -> dict:
     cls = method_class(config, ckpt)
     del ckpt
     model = cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).to(device).eval()
+    precision = default_precision(torch.device(device).type) if args.precision == "auto" else args.precision
+    if getattr(model, "channels_last", False):  # as the model's setup does under genvs test
+        model.denoiser.to(memory_format=torch.channels_last)
     dm = build_datamodule(config, args)
     loader = dm.test_dataloader()
     metrics, missing = available_metrics(args.metrics)
     rows = []
     for name, sampler in make_samplers(model, args.samplers, args.steps, args.paper_steps, args.guidance_scales):
-        res = evaluate(model, loader, sampler, metrics, device)
+        res = evaluate(model, loader, sampler, metrics, device, precision)
         row = {"sampler": name, "scheduler": type(sampler.scheduler).__name__, "steps": sampler.num_steps,
                "guidance_scale": sampler.guidance_scale, "scheduler_spec": to_spec(sampler.scheduler), **res}
         rows.append(row)
@@ -347,13 +358,13 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     from genvs.methods.baselines import CopyInput
 
-    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device)  # the same views, copied
+    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device, precision)  # the same views, copied
     print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
         "method": cls.__name__, "dataset": dataset, "config": " + ".join(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
-        "metrics": metrics, "missing_metrics": missing, "device": device, "threads": torch.get_num_threads(),
+        "metrics": metrics, "missing_metrics": missing, "device": device, "precision": precision, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": {"method": "copy_input", **baseline},
     }
     data["machine"] = _bench_run().machine()

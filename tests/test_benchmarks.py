@@ -156,8 +156,10 @@ def test_samplers_on_tiny_checkpoint(trained, tiny_config, tmp_path):
     _, ckpt, _ = trained
     out = tmp_path / "samplers.json"
     data = samplers.main(["--config", str(tiny_config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "1",
-                          "--input-views", "0", "--steps", "2", "--paper-steps", "2", "--out", str(out), "--no-readme"])
+                          "--input-views", "0", "--steps", "2", "--paper-steps", "2", "--precision", "32-true",
+                          "--out", str(out), "--no-readme"])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(data["rows"]))
+    assert data["precision"] == "32-true"
     assert data["method"] == "ThreeDiM" and data["num_views"] == 1
     written = json.loads(out.read_text())
     assert all(r["psnr_se"] is None for r in [*written["rows"], written["baseline"]])  # one view: no spread
@@ -183,6 +185,36 @@ def test_samplers_on_tiny_checkpoint(trained, tiny_config, tmp_path):
     assert data["baseline"]["method"] == "copy_input"
     assert data["baseline"]["psnr"] == pytest.approx(-10 * math.log10(mse), abs=1e-4)
     assert "| copy the input view (baseline) | – | 0 |" in md
+
+
+def test_samplers_precision_autocasts_generation_as_genvs_test(trained, tiny_config, tmp_path, monkeypatch):
+    """``--precision bf16-mixed`` generates under bf16 autocast (as Lightning runs ``genvs test``) with the
+    denoiser in channels_last, ``32-true`` without; the table says which; bf16 changes PSNR only a little."""
+    from genvs.core.model import BaseNVSModel
+
+    samplers = _load("samplers")
+    _, ckpt, _ = trained
+    seen = []
+    generate = BaseNVSModel.generate
+
+    def spy(self, *args, **kwargs):
+        conv = next((p for p in self.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)  # a conv kernel
+        if conv is not None:  # not the copy baseline
+            seen.append((torch.is_autocast_enabled("cpu"), conv.is_contiguous(memory_format=torch.channels_last)))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseNVSModel, "generate", spy)
+    psnr = {}
+    for precision in ("32-true", "bf16-mixed"):
+        seen.clear()
+        out = tmp_path / f"{precision}.json"
+        data = samplers.main(["--config", str(tiny_config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets",
+                              "1", "--input-views", "0", "--samplers", "ddim", "--steps", "2", "--metrics",
+                              "--precision", precision, "--device", "cpu", "--out", str(out), "--no-readme"])
+        assert data["precision"] == precision and f"cpu, {precision}," in out.with_suffix(".md").read_text()
+        assert seen and all(s == (precision == "bf16-mixed", True) for s in seen), seen
+        psnr[precision] = data["rows"][0]["psnr"]
+    assert psnr["bf16-mixed"] == pytest.approx(psnr["32-true"], abs=1.0)
 
 
 def test_samplers_guidance_sweep_and_psnr_spread(trained, tiny_config, tmp_path):
