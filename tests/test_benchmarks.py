@@ -282,20 +282,27 @@ def test_traced_dfm_step_matches_the_profiler_replay():
     assert peaks[True] < peaks[False] / 2
 
 
-def test_dfm_memory_traces_whole_training_steps_of_a_config(tmp_path):
-    """`--config` on the DFM toy config: weights, EMA and Adam's moments equal their sizes computed from the
-    parameter count; the peak holds them plus the gradients; dropping chunking/checkpointing raises it."""
-    dfm_memory = _load("dfm_memory")
+def test_memory_traces_whole_training_steps_of_a_config(tmp_path):
+    """memory.py on the DFM and 3DiM toy configs: weights, EMA and Adam's moments equal their sizes computed
+    from the parameter count; the peak holds them plus the gradients; for DFM, dropping chunking and
+    checkpointing raises it; bf16 autocast changes activations only."""
+    memory = _load("memory")
     out = tmp_path / "mem.json"
-    rows = dfm_memory.main(["--config", "configs/dfm_toy.yaml", "--out", str(out)])
-    assert [r["name"] for r in rows] == [v[0] for v in dfm_memory.CONFIG_VARIANTS]
+    configs = ["configs/dfm_toy.yaml", "configs/3dim_toy.yaml"]
+    done = memory.main([arg for c in configs for arg in ("--config", c)] + ["--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(done)) and list(done) == configs
+    names = {c: [r["name"] for r in done[c]["rows"]] for c in configs}
+    assert len(names["configs/dfm_toy.yaml"]) == 4 and names["configs/3dim_toy.yaml"][2].startswith("gradient_checkp")
     GiB = 2**30
-    for r in rows:
-        weights = 4 * r["params"] / GiB
-        assert r["weights_gib"] == pytest.approx(weights, abs=0.006)
-        assert r["ema_gib"] == pytest.approx(weights, abs=0.006)  # EMA in float32
-        assert r["adam_gib"] == pytest.approx(2 * weights, abs=0.006)  # every weight is trained (stage diffusion)
-        assert r["peak_gib"] >= 5 * weights - 0.02  # + gradients
-    by_name = {r["name"]: r["peak_gib"] for r in rows}
-    assert by_name["no chunking, no checkpointing, fp32"] >= by_name["as configured, fp32"]
-    assert json.loads(out.read_text())["config:configs/dfm_toy.yaml"] == rows
+    for c in configs:
+        for r in done[c]["rows"]:
+            weights = 4 * r["params"] / GiB
+            assert r["weights_gib"] == pytest.approx(weights, abs=0.006)
+            assert r["ema_gib"] == pytest.approx(weights, abs=0.006)  # EMA in float32
+            assert r["adam_gib"] == pytest.approx(2 * weights, abs=0.006)  # every weight is trained
+            assert r["peak_gib"] >= 5 * weights - 0.02  # + gradients
+    dfm = {r["name"]: r["peak_gib"] for r in done["configs/dfm_toy.yaml"]["rows"]}
+    assert dfm["no chunking, no checkpointing, fp32"] >= dfm["as configured, fp32"]
+    threedim = [r["peak_gib"] for r in done["configs/3dim_toy.yaml"]["rows"]]
+    assert threedim[2] <= threedim[1]  # recomputing X-UNet blocks stores fewer activations
+    assert done["configs/3dim_toy.yaml"]["machine"]["torch"] == torch.__version__
