@@ -169,7 +169,7 @@ class XUNet(Configurable, nn.Module):
         image_size: H = W of the frames (the learned position embedding is per pixel).
         in_ch: image channels.
         ch, ch_mult, emb_ch, num_res_blocks, attn_resolutions, attn_heads, dropout: as in the paper
-            (defaults are the paper's 128x128 model, ~471M parameters).
+            (defaults are the paper's 128x128 model, 461.7M parameters; the paper reports ~471M).
         origin_octaves, dir_octaves: ray encoding octaves (3DiM: 15 and 8 -> 144 channels).
         use_pos_emb, use_ref_pose_emb: learned per-pixel and per-frame pose embeddings.
         gradient_checkpointing: recompute each UNet block in the backward pass instead of storing its
