@@ -1,13 +1,15 @@
 """Peak memory of whole training steps of a genvs config's model at paper scale, counted on fake tensors.
 
-Models such as DFM's official 64 px CO3D model (DiT-XL/2, 726 M parameters) or 3DiM's 128 px X-UNet are far
-too slow to train on a CPU, and their memory question (does a step fit a 24 GB GPU?) needs no computing:
-`memtrace.LiveBytes` under ``FakeTensorMode`` runs the same ops with the same shapes, dtypes and tensor
-lifetimes on tensors without data, and counts the live storages (checked against the torch profiler on the
-steps that can be run: `dfm_memory.py`, benchmarks/README.md). Methods whose batch is context + target
-`Views` (3DiM, DFM).
+Models such as DFM's official 64 px CO3D model (DiT-XL/2, 726 M parameters), 3DiM's 128 px X-UNet or
+MVDiffusion's Stable Diffusion 2 are far too slow to train on a CPU, and their memory question (does a step
+fit a 24 GB GPU?) needs no computing: `memtrace.LiveBytes` under ``FakeTensorMode`` runs the same ops with the
+same shapes, dtypes and tensor lifetimes on tensors without data, and counts the live storages (checked
+against the torch profiler on the steps that can be run: `dfm_memory.py`, benchmarks/README.md). Every
+method's config: MVDiffusion's SD parts are built from the architecture alone (`stable_diffusion_architecture`:
+no weights are needed), and the steps that read values (MVDiffusion's correspondences, the warping method's
+forward-backward warp) run on real tensors first (`trace_config`).
 
-    python benchmarks/memory.py --config configs/dfm_co3d.yaml --config configs/3dim_cars.yaml
+    python benchmarks/memory.py --config configs/dfm_co3d.yaml --config configs/mvdiffusion_panorama.yaml
 
 Writes ``benchmarks/results/memory.json`` (one entry per config, with the machine). What is not counted:
 the CUDA context, the caching allocator's rounding and fragmentation, vendor kernel workspaces, and DDP's
@@ -18,6 +20,8 @@ lists stand in for CUDA's.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -29,20 +33,47 @@ if str(ROOT / "benchmarks") not in sys.path:  # memtrace and run, when imported 
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-NO_CHUNKS = dict(chunk_rays=10**9, checkpoint=False, dit_checkpoint=False)  # DFM without its memory savers
+# DFM without its memory savers (ray chunks, checkpointed MLP/renderer, checkpointed DiT blocks)
+NO_CHUNKS = {"network.chunk_rays": 10**9, "network.checkpoint": False, "network.encoder_kwargs.gradient_checkpointing": False}
+
+# The public architecture of Stable Diffusion 2 (base / inpainting / depth differ in the UNet's input channels),
+# built when model.sd_path holds no diffusers folder: the paper configs' memory needs no download.
+SD2_UNET = dict(
+    sample_size=64, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32,
+)  # fmt: skip
+SD2_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), latent_channels=4,
+    layers_per_block=2, norm_num_groups=32, sample_size=768,
+)  # fmt: skip
+SD2_TEXT = dict(  # OpenCLIP ViT-H/14's text tower, as SD 2 uses it (penultimate layer: 23 of 24 layers)
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+)  # fmt: skip
+SD2_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)  # fmt: skip
 
 
 def variants(config: dict) -> list[tuple[str, bool, dict | None]]:
-    """(name, bf16, overrides of the network's init_args) to trace for ``config``: as configured in fp32 and
-    bf16 autocast; for ray-chunked networks (DFM) also without chunking and checkpointing, and for networks
-    with a ``gradient_checkpointing`` switch that is off (3DiM's X-UNet) also with it on."""
+    """(name, bf16, overrides of the model's init_args, ``network.`` for the network's) to trace for ``config``:
+    as configured in fp32 and bf16 autocast; for ray-chunked networks (DFM) also without chunking and
+    checkpointing; for networks with a ``gradient_checkpointing`` switch that is off (3DiM's X-UNet, the
+    warping ADM UNet) and for MVDiffusion's ``unet_checkpoint`` (off by default) also with it on."""
     out = [("as configured, fp32", False, None), ("as configured, bf16 autocast (the GPU default)", True, None)]
-    network = config["model"]["init_args"].get("network", {})
+    model = config["model"]
+    network = model["init_args"].get("network", {})
     if "chunk_rays" in network.get("init_args", {}):
         out += [("no chunking, no checkpointing, fp32", False, NO_CHUNKS),
-                ("no chunking, no checkpointing, bf16 autocast", True, NO_CHUNKS)]
+                ("no chunking, no checkpointing, bf16 autocast", True, NO_CHUNKS)]  # fmt: skip
     elif not network.get("init_args", {}).get("gradient_checkpointing") and _takes(network, "gradient_checkpointing"):
-        out += [("gradient_checkpointing: true, bf16 autocast", True, {"gradient_checkpointing": True})]
+        out += [("gradient_checkpointing: true, bf16 autocast", True, {"network.gradient_checkpointing": True})]
+    if not model["init_args"].get("unet_checkpoint") and _takes(model, "unet_checkpoint"):
+        out += [("unet_checkpoint: true, bf16 autocast", True, {"unet_checkpoint": True})]
     return out
 
 
@@ -59,45 +90,168 @@ def _takes(spec: dict, arg: str) -> bool:
     return arg in inspect.signature(cls).parameters
 
 
+def _override(model_args: dict, key: str, value) -> None:
+    """Set ``key`` ("a.b.c", where ``network`` steps into the network's init_args) in a model's init_args."""
+    *path, last = key.split(".")
+    d = model_args
+    for part in path:
+        d = d[part]["init_args"] if part == "network" else d.setdefault(part, {})
+    d[last] = value
+
+
+def stable_diffusion_architecture(path: str, text_encoder: bool, in_channels: int):
+    """MVDiffusion's frozen Stable Diffusion parts with the architecture of the diffusers folder ``path`` (its
+    ``config.json`` files, no weights read), or SD 2's when there is no folder; build under ``FakeTensorMode``."""
+    import json as js
+    import tempfile
+
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from genvs.methods.mvdiffusion import sd
+
+    root = Path(path).expanduser()
+    read = lambda sub: js.loads((root / sub / "config.json").read_text()) if (root / sub).is_dir() else None  # noqa: E731
+    unet = read("unet")
+    unet = UNet2DConditionModel.from_config(unet) if unet else UNet2DConditionModel(in_channels=in_channels, **SD2_UNET)
+    vae = read("vae")
+    vae = AutoencoderKL.from_config(vae) if vae else AutoencoderKL(**SD2_VAE)
+    sched = root / "scheduler" / "scheduler_config.json"
+    sched = js.loads(sched.read_text()) if sched.is_file() else SD2_SCHEDULER
+    enc = None
+    if text_encoder:  # token ids do not change the memory: a byte-level tokenizer stands in for a missing one
+        text = read("text_encoder")
+        config = transformers.CLIPTextConfig.from_dict(text) if text else transformers.CLIPTextConfig(**SD2_TEXT)
+        tokenizer_dir = root / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            tokenizer_dir = Path(tempfile.mkdtemp()) / "tokenizer"
+            sd._write_tiny_tokenizer(tokenizer_dir)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        enc = sd.PromptEncoder(transformers.CLIPTextModel(config), tokenizer)
+    return sd.StableDiffusionParts(sd.freeze(vae), sd.freeze(unet), enc, sched, str(root))
+
+
+def _architecture_only(model_spec: dict):
+    """Patches under which a model's constructor builds without reading weights (MVDiffusion's SD parts)."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    if model_spec.get("class_path", "").startswith("genvs.methods.mvdiffusion"):
+        from genvs.methods.mvdiffusion.model import IN_CHANNELS, SD_KIND, MVDiffusion
+
+        def load(path, task, build_if_missing, text_encoder):
+            if build_if_missing and not Path(path).expanduser().exists():  # toy configs: as genvs fit, write it
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                from genvs.methods.mvdiffusion.sd import build_tiny_sd
+
+                with unset_fake_temporarily():
+                    build_tiny_sd(path, kind=SD_KIND[task], text_encoder=text_encoder or "auto")
+            return stable_diffusion_architecture(path, text_encoder, IN_CHANNELS[SD_KIND[task]])
+
+        stack.enter_context(mock.patch.object(MVDiffusion, "_load_sd", staticmethod(load)))
+    return stack
+
+
+def example_batch(model, data_spec: dict):
+    """One training batch (random values) of the shape the config's datamodule gives: its ``batch_size`` scenes
+    of ``n_context + n_target`` views (single images for the warping method's image folders) at its
+    ``image_size``, with depth when the datamodule loads it or the model trains on it, and prompts where the
+    model takes them. No class labels (the warping ADM UNet checks their values on a CPU; their embedding is
+    one ``[B, 4C]`` tensor per network). Cameras: a ring for MVDiffusion's panoramas, an orbit otherwise.
+    Real tensors (the datamodule is built as ``genvs fit`` builds it; nothing is read from disk)."""
+    import lightning as L
+    import torch
+
+    from genvs.core.cameras import intrinsics_from_fov, orbit_poses, ring_poses
+    from genvs.core.config import build
+    from genvs.core.views import Views
+    from genvs.data import ImageFolderDataModule
+
+    dm = build(data_spec, L.LightningDataModule, "data")
+    size = dm.image_size
+    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    B = dm.batch_size
+    Nc, V = (0, 1) if isinstance(dm, ImageFolderDataModule) else (dm.n_context, dm.n_context + dm.n_target)
+    fov = getattr(dm, "fov_deg", None) or 50.0
+    task = getattr(model, "task", None)
+    if task in ("panorama", "image_panorama"):
+        c2w = ring_poses(V, yaw_step_deg=360.0 / V)
+    else:
+        c2w = orbit_poses(V, radius=getattr(dm, "target_scale", None) or 2.0)
+    K, c2w = intrinsics_from_fov(fov, H, W).expand(B, V, 3, 3).clone(), c2w.expand(B, V, 4, 4).clone()
+    depth = prompts = None
+    if dm.load_depth or task == "depth" or hasattr(model, "pairs"):
+        # a smooth slope: the warp's mesh keeps every triangle (its largest memory)
+        depth = (1.5 + 0.5 * torch.linspace(0, 1, H)[:, None].expand(H, W)).expand(B, V, 1, H, W).clone()
+    if task is not None:  # MVDiffusion: one prompt per view
+        prompts = [["a photo of a room"] * V for _ in range(B)]
+    return Views(torch.rand(B, V, 3, H, W) * 2 - 1, K, c2w, depth=depth, num_context=Nc, prompts=prompts)
+
+
+def _tensors(obj):
+    """The tensors of a (nested) dataclass / dict / list."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _to_fake(obj, fake):
+    """``obj`` (a tensor, or a nested dataclass / dict of them) with fake copies of its tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return fake.from_tensor(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _to_fake(getattr(obj, f.name), fake)
+                                           for f in dataclasses.fields(obj) if f.init})  # fmt: skip
+    if isinstance(obj, dict):
+        return {k: _to_fake(v, fake) for k, v in obj.items()}
+    return obj
+
+
 def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps: int = 2) -> dict:
     """Peak live tensor memory of whole training steps of a config's model on one device, on fake tensors.
 
-    The model is the config's ``model`` section, built as ``genvs fit`` builds it; the batch is the data
-    section's ``batch_size`` scenes of ``n_context`` + ``n_target`` views at ``image_size`` (per device).
-    Each step is what Lightning runs: ``training_loss`` under autocast (DFM: with the LPIPS loss' frozen VGG,
-    random weights of the real size), backward, ``min(accumulate_grad_batches, 2)`` micro-batches, gradient
-    clipping, the config's optimizer and the EMA update. The second step is the steady state (the optimizer's
-    moments and the EMA exist from the start). DFM's number of context views is the maximum
-    (``random_num_context`` off).
+    The model is the config's ``model`` section, built as ``genvs fit`` builds it (MVDiffusion: the Stable
+    Diffusion architecture of ``sd_path``, `stable_diffusion_architecture`); the batch is `example_batch`, per
+    device. Each step is what Lightning runs: ``training_loss`` under autocast (DFM: with the LPIPS loss' frozen
+    VGG, random weights of the real size), backward, ``min(accumulate_grad_batches, 2)`` micro-batches, gradient
+    clipping, the config's optimizer on the trained parameters and the EMA update. The second step is the
+    steady state (the optimizer's moments and the EMA exist from the start). DFM's number of context views is
+    the maximum (``random_num_context`` off). Weights count every parameter of the model (frozen ones too).
     """
     import lpips as lp
     import torch
     import yaml
     from torch._subclasses import FakeTensorMode
 
-    from genvs.core.cameras import intrinsics_from_fov, orbit_poses
     from genvs.core.config import build
     from genvs.core.diffusion import EMA
     from genvs.core.model import BaseNVSModel
-    from genvs.core.views import Views
     from memtrace import LiveBytes
 
     config = yaml.safe_load(Path(path).read_text())
-    model_spec, data, trainer = config["model"], config["data"]["init_args"], config.get("trainer") or {}
-    net = model_spec["init_args"].get("network", {}).get("init_args", {})
+    model_spec, trainer = config["model"], config.get("trainer") or {}
     for key, value in (overrides or {}).items():
-        if key == "dit_checkpoint":
-            net["encoder_kwargs"]["gradient_checkpointing"] = value
-        else:
-            net[key] = value
+        _override(model_spec["init_args"], key, value)
     optim = model_spec["init_args"].get("optim") or {}
-    H, Nc, M = data["image_size"], data["n_context"], data["n_target"]
-    B = data.get("batch_size", 1)
     micro = min(int(trainer.get("accumulate_grad_batches", 1)), 2)
     clip = trainer.get("gradient_clip_val")
     t0 = time.perf_counter()
     # initial values do not change memory, and trunc_normal_ needs real data (it reads a scalar back)
-    with FakeTensorMode(), mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t):
+    fake = FakeTensorMode()
+    with fake, mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t), _architecture_only(model_spec):
         model = build(model_spec, BaseNVSModel, "model")
         if hasattr(model, "random_num_context"):
             model.random_num_context = False
@@ -105,15 +259,40 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
         if getattr(model, "lpips_weight", 0):  # built like the loss' LPIPS; pretrained=False: same size, nothing to load
             vgg = lp.LPIPS(net=model.lpips_net, pretrained=False, pnet_rand=True, verbose=False).requires_grad_(False)
             model.__dict__["_lpips_module"] = vgg
-        trained = [p for p in model.denoiser.parameters() if p.requires_grad]
-        radius = data.get("target_scale") or 2.0
-        c2w = orbit_poses(Nc + M, radius=radius).expand(B, -1, -1, -1).clone()
-        K = intrinsics_from_fov(50.0, H).expand(B, Nc + M, 3, 3).clone()
-        views = Views(torch.rand(B, Nc + M, 3, H, H) * 2 - 1, K, c2w, num_context=Nc)
+    views = example_batch(model, config["data"])
+    # Steps whose output shapes depend on values run on real tensors before the trace, their results enter it
+    # as fake tensors: MVDiffusion's correspondences (overlap tests), held for the whole step (rings: cached
+    # for the run); the warping method's forward-backward warp (its mesh keeps the triangles that do not
+    # straddle a depth edge), whose own peak, counted on the real tensors, is added where the step calls it.
+    patches, held = [], []
+    if hasattr(model, "correspondences"):
+        corr = _to_fake(model.correspondences(views.K, views.c2w, (views.H, views.W), views.depth), fake)
+        patches.append(mock.patch.object(type(model), "correspondences", lambda self, *a, **k: corr))
+        held += [t for level in corr.levels.values() for t in vars(level).values()]
+    warp_peak, warp_calls = 0, []
+    if getattr(model, "stage", None) in ("conditional", "joint"):  # the warping method's G_c
+        with LiveBytes() as warp_mem:
+            pair = model.pairs(views.images.flatten(0, 1), model._linear_depth(views.depth.flatten(0, 1)),
+                               views.K.flatten(0, 1), near=model.near, far=model.far)  # fmt: skip
+        warp_peak, pair = warp_mem.peak, _to_fake(pair, fake)
+
+        def pairs(*args, **kwargs):
+            warp_calls.append(mem.live)
+            return pair
+
+        patches.append(mock.patch.object(model, "pairs", pairs))
+        held += [t for t in _tensors(pair)]
+    fields = ("images", "K", "c2w", "depth")
+    views = _to_fake(views, fake)
+    with fake, contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        trained = [p for p in model.parameters() if p.requires_grad]
         with LiveBytes() as mem:
-            weights = mem.hold(model.denoiser.parameters())
+            weights = mem.hold(model.parameters())
             frozen = mem.hold(vgg.parameters()) if vgg is not None else 0
-            mem.hold([views.images, views.K, views.c2w])
+            mem.hold(getattr(views, f) for f in fields)
+            mem.hold(held)
             before = mem.live
             ema = EMA(model.denoiser, decay=model.ema_decay) if model.ema_decay > 0 else None
             ema_bytes = mem.live - before
@@ -123,6 +302,7 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
             peaks = []
             for _ in range(steps):
                 mem.peak = mem.live
+                warp_calls.clear()
                 for _ in range(micro):
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         loss = model.training_loss(views)["loss"] / micro
@@ -134,15 +314,16 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
                 opt.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model.denoiser)
-                peaks.append(mem.peak)
+                peaks.append(max([mem.peak] + [live + warp_peak for live in warp_calls]))
             adam = sum(t.untyped_storage().nbytes() for st in opt.state.values() for t in st.values()
                        if isinstance(t, torch.Tensor) and t.dim() > 0)
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
     return dict(
-        config=path, name=name, bf16=bf16, overrides=overrides or {}, image_size=H, context_views=Nc,
-        target_views=M, batch=B, micro_batches=micro, params=sum(p.numel() for p in model.denoiser.parameters()),
-        weights_gib=gib(weights), ema_gib=gib(ema_bytes), adam_gib=gib(adam), frozen_lpips_gib=gib(frozen),
-        peak_gib=gib(max(peaks)), first_step_peak_gib=gib(peaks[0]),
+        config=path, name=name, bf16=bf16, overrides=overrides or {}, image_size=[views.H, views.W],
+        context_views=views.num_context, target_views=views.V - views.num_context, batch=views.B,
+        micro_batches=micro, params=sum(p.numel() for p in model.parameters()),
+        trained_params=sum(p.numel() for p in trained), weights_gib=gib(weights), ema_gib=gib(ema_bytes),
+        adam_gib=gib(adam), frozen_lpips_gib=gib(frozen), warp_gib=gib(warp_peak if warp_calls else 0), peak_gib=gib(max(peaks)), first_step_peak_gib=gib(peaks[0]),
         trace_seconds=round(time.perf_counter() - t0, 1),
     )
 

@@ -306,3 +306,46 @@ def test_memory_traces_whole_training_steps_of_a_config(tmp_path):
     threedim = [r["peak_gib"] for r in done["configs/3dim_toy.yaml"]["rows"]]
     assert threedim[2] <= threedim[1]  # recomputing X-UNet blocks stores fewer activations
     assert done["configs/3dim_toy.yaml"]["machine"]["torch"] == torch.__version__
+
+
+def test_memory_traces_frozen_backbones_and_value_dependent_steps(tmp_path):
+    """memory.py on the MVDiffusion and warping toy configs: every parameter counts as a weight, only the
+    trained ones get Adam's moments, EMA and gradients (the frozen SD UNet / VAE / text encoder, the warping
+    method's frozen G_u do not); the correspondences and the forward-backward warp, which run on real tensors
+    before the trace, enter it; without an SD folder the UNet and CAA blocks have SD 2's published sizes."""
+    from torch._subclasses import FakeTensorMode
+
+    from genvs.methods.mvdiffusion.network import MultiViewUNet
+
+    memory = _load("memory")
+    mv = yaml.safe_load(Path("configs/mvdiffusion_toy.yaml").read_text())
+    mv["model"]["init_args"]["sd_path"] = str(tmp_path / "tiny_sd")  # written as genvs fit writes it
+    (tmp_path / "mv.yaml").write_text(yaml.safe_dump(mv))
+    warp = yaml.safe_load(Path("configs/warping_toy.yaml").read_text())
+    warp["model"]["init_args"]["stage"] = "conditional"  # G_u frozen next to the trained G_c
+    (tmp_path / "warp.yaml").write_text(yaml.safe_dump(warp))
+    configs = [str(tmp_path / "mv.yaml"), str(tmp_path / "warp.yaml")]
+    done = memory.main([arg for c in configs for arg in ("--config", c)] + ["--out", str(tmp_path / "m.json")])
+    assert (tmp_path / "tiny_sd" / "unet" / "config.json").is_file()
+    GiB = 2**30
+    for c in configs:
+        names = [r["name"] for r in done[c]["rows"]]
+        assert names[2] == ("unet_checkpoint: true, bf16 autocast" if c.endswith("mv.yaml") else
+                            "gradient_checkpointing: true, bf16 autocast")  # fmt: skip
+        for r in done[c]["rows"]:
+            assert 0 < r["trained_params"] < r["params"]
+            trained = 4 * r["trained_params"] / GiB
+            assert r["weights_gib"] == pytest.approx(4 * r["params"] / GiB, abs=0.006)
+            assert r["adam_gib"] == pytest.approx(2 * trained, abs=0.006)
+            assert r["peak_gib"] >= r["weights_gib"] + r["ema_gib"] + r["adam_gib"] + trained - 0.02
+        assert done[c]["rows"][2]["peak_gib"] <= done[c]["rows"][1]["peak_gib"]  # recomputation stores less
+    mv_row, warp_row = done[configs[0]]["rows"][0], done[configs[1]]["rows"][0]
+    assert (mv_row["batch"], mv_row["context_views"], mv_row["target_views"]) == (1, 0, 8)  # a ring of 8 views
+    assert mv_row["ema_gib"] == 0  # the toy config has ema_decay 0
+    assert warp_row["context_views"] + warp_row["target_views"] == 1 and warp_row["warp_gib"] > 0  # single images
+    assert warp_row["ema_gib"] == pytest.approx(4 * warp_row["trained_params"] / GiB, abs=0.006)
+    with FakeTensorMode():  # no folder: SD 2's architecture (866 M UNet, 84 M VAE; 148 M CAA parameters)
+        sd = memory.stable_diffusion_architecture(str(tmp_path / "missing"), False, 4)
+        adapter = MultiViewUNet(sd.unet).adapter
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert (count(sd.unet), count(sd.vae), count(adapter)) == (865_910_724, 83_653_863, 147_572_480)

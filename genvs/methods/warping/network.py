@@ -266,7 +266,10 @@ def conditional_from_unconditional(uncond: ADMUNet, in_channels: int = CONDITION
     if in_channels < uncond.in_channels:
         raise ValueError(f"in_channels={in_channels} must be at least the unconditional model's {uncond.in_channels}")
     cfg = dict(uncond.config, in_channels=in_channels)
-    cond = ADMUNet(**cfg).to(device=uncond.input_conv.weight.device, dtype=uncond.input_conv.weight.dtype)
+    cond = ADMUNet(**cfg)
+    like = uncond.input_conv.weight
+    if (cond.input_conv.weight.device, cond.input_conv.weight.dtype) != (like.device, like.dtype):
+        cond = cond.to(device=like.device, dtype=like.dtype)  # (moving fake tensors fails: only when needed)
     state = {k: v.clone() for k, v in uncond.state_dict().items()}
     w = state["input_conv.weight"]
     new_w = w.new_zeros(w.shape[0], in_channels, *w.shape[2:])
