@@ -220,7 +220,9 @@ def _to_fake(obj, fake):
     return obj
 
 
-def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps: int = 2) -> dict:
+def trace_config(
+    path: str, name: str, bf16: bool, overrides: dict | None, steps: int = 2, real: bool = False
+) -> dict:
     """Peak live tensor memory of whole training steps of a config's model on one device, on fake tensors.
 
     The model is the config's ``model`` section, built as ``genvs fit`` builds it (MVDiffusion: the Stable
@@ -230,6 +232,9 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
     clipping, the config's optimizer on the trained parameters and the EMA update. The second step is the
     steady state (the optimizer's moments and the EMA exist from the start). DFM's number of context views is
     the maximum (``random_num_context`` off). Weights count every parameter of the model (frozen ones too).
+
+    ``real``: run the same steps on real tensors (computing everything; toy configs) instead, with the
+    value-reading steps inline: the check of the fake trace and of what it does around those steps.
     """
     import lpips as lp
     import torch
@@ -249,9 +254,12 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
     micro = min(int(trainer.get("accumulate_grad_batches", 1)), 2)
     clip = trainer.get("gradient_clip_val")
     t0 = time.perf_counter()
+    torch.manual_seed(0)  # the warp's random cameras change its mesh a little: the same draws every run
     # initial values do not change memory, and trunc_normal_ needs real data (it reads a scalar back)
-    fake = FakeTensorMode()
-    with fake, mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t), _architecture_only(model_spec):
+    fake = None if real else FakeTensorMode()
+    tensors = fake or contextlib.nullcontext()
+    no_init = mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t) if fake else contextlib.nullcontext()
+    with tensors, no_init, _architecture_only(model_spec):
         model = build(model_spec, BaseNVSModel, "model")
         if hasattr(model, "random_num_context"):
             model.random_num_context = False
@@ -265,12 +273,12 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
     # for the run); the warping method's forward-backward warp (its mesh keeps the triangles that do not
     # straddle a depth edge), whose own peak, counted on the real tensors, is added where the step calls it.
     patches, held = [], []
-    if hasattr(model, "correspondences"):
+    if fake and hasattr(model, "correspondences"):
         corr = _to_fake(model.correspondences(views.K, views.c2w, (views.H, views.W), views.depth), fake)
         patches.append(mock.patch.object(type(model), "correspondences", lambda self, *a, **k: corr))
         held += [t for level in corr.levels.values() for t in vars(level).values()]
     warp_peak, warp_calls = 0, []
-    if getattr(model, "stage", None) in ("conditional", "joint"):  # the warping method's G_c
+    if fake and getattr(model, "stage", None) in ("conditional", "joint"):  # the warping method's G_c
         with LiveBytes() as warp_mem:
             pair = model.pairs(views.images.flatten(0, 1), model._linear_depth(views.depth.flatten(0, 1)),
                                views.K.flatten(0, 1), near=model.near, far=model.far)  # fmt: skip
@@ -283,8 +291,8 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
         patches.append(mock.patch.object(model, "pairs", pairs))
         held += [t for t in _tensors(pair)]
     fields = ("images", "K", "c2w", "depth")
-    views = _to_fake(views, fake)
-    with fake, contextlib.ExitStack() as stack:
+    views = _to_fake(views, fake) if fake else views
+    with tensors, contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -319,11 +327,11 @@ def trace_config(path: str, name: str, bf16: bool, overrides: dict | None, steps
                        if isinstance(t, torch.Tensor) and t.dim() > 0)
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
     return dict(
-        config=path, name=name, bf16=bf16, overrides=overrides or {}, image_size=[views.H, views.W],
+        config=path, name=name, tensors="real" if real else "fake", bf16=bf16, overrides=overrides or {}, image_size=[views.H, views.W],
         context_views=views.num_context, target_views=views.V - views.num_context, batch=views.B,
         micro_batches=micro, params=sum(p.numel() for p in model.parameters()),
         trained_params=sum(p.numel() for p in trained), weights_gib=gib(weights), ema_gib=gib(ema_bytes),
-        adam_gib=gib(adam), frozen_lpips_gib=gib(frozen), warp_gib=gib(warp_peak if warp_calls else 0), peak_gib=gib(max(peaks)), first_step_peak_gib=gib(peaks[0]),
+        adam_gib=gib(adam), frozen_lpips_gib=gib(frozen), warp_gib=gib(warp_peak if warp_calls else 0), peak_gib=gib(max(peaks)), peak_bytes=max(peaks), first_step_peak_gib=gib(peaks[0]),
         trace_seconds=round(time.perf_counter() - t0, 1),
     )
 
@@ -332,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, action="append", help="a genvs config YAML; repeat for several")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
+    ap.add_argument("--real", action="store_true",
+                    help="also run every step on real tensors (toy configs: it computes everything) and record the "
+                         "fake trace's peak over the real count")  # fmt: skip
     args = ap.parse_args(argv)
     import yaml
 
@@ -348,8 +359,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = []
         for name, bf16, overrides in variants(yaml.safe_load(Path(path).read_text())):
             r = trace_config(path, name, bf16, overrides)
+            if args.real:
+                r["real_peak_bytes"] = trace_config(path, name, bf16, overrides, real=True)["peak_bytes"]
+                r["fake_over_real"] = round(r["peak_bytes"] / r["real_peak_bytes"], 4)
             rows.append(r)
-            print(f"| {path} | {name} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} / {r['ema_gib']:.2f} / "
+            check = f" (fake / real {r['fake_over_real']:.4f})" if args.real else ""
+            print(f"| {path} | {name} | {r['peak_gib']:.2f}{check} | {r['weights_gib']:.2f} / {r['ema_gib']:.2f} / "
                   f"{r['adam_gib']:.2f} |", flush=True)
         key = Path(path).as_posix()
         old[key] = done[key] = {"machine": dict(machine(), date=time.strftime("%Y-%m-%d")), "rows": rows}
