@@ -122,13 +122,33 @@ def stable_diffusion_architecture(path: str, text_encoder: bool, in_channels: in
     if text_encoder:  # token ids do not change the memory: a byte-level tokenizer stands in for a missing one
         text = read("text_encoder")
         config = transformers.CLIPTextConfig.from_dict(text) if text else transformers.CLIPTextConfig(**SD2_TEXT)
-        tokenizer_dir = root / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            tokenizer_dir = Path(tempfile.mkdtemp()) / "tokenizer"
-            sd._write_tiny_tokenizer(tokenizer_dir)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        if (root / "tokenizer").is_dir():
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                sd._write_tiny_tokenizer(Path(tmp))
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp)
         enc = sd.PromptEncoder(transformers.CLIPTextModel(config), tokenizer)
     return sd.StableDiffusionParts(sd.freeze(vae), sd.freeze(unet), enc, sched, str(root))
+
+
+def skip_trunc_normal_on_fake_tensors():
+    """A patch of ``torch.nn.init.trunc_normal_`` that leaves fake tensors as they are (initial values do not
+    change memory, and it reads a scalar back, which a fake tensor cannot give) and initialises real ones.
+
+    It must stay right for real tensors after the patch ends: diffusers and transformers record the
+    ``torch.nn.init`` functions when first imported, and a model build can import them here (MVDiffusion's SD
+    parts), so what is installed now is what diffusers' ``no_init_weights`` puts back at every later
+    ``from_pretrained``. A plain no-op left every later ``trunc_normal_`` of the process doing nothing."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.nn.init.trunc_normal_
+
+    def trunc_normal_(tensor, *args, **kwargs):
+        return tensor if isinstance(tensor, FakeTensor) else original(tensor, *args, **kwargs)
+
+    return mock.patch.object(torch.nn.init, "trunc_normal_", trunc_normal_)
 
 
 def _architecture_only(model_spec: dict):
@@ -255,10 +275,9 @@ def trace_config(
     clip = trainer.get("gradient_clip_val")
     t0 = time.perf_counter()
     torch.manual_seed(0)  # the warp's random cameras change its mesh a little: the same draws every run
-    # initial values do not change memory, and trunc_normal_ needs real data (it reads a scalar back)
     fake = None if real else FakeTensorMode()
     tensors = fake or contextlib.nullcontext()
-    no_init = mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t) if fake else contextlib.nullcontext()
+    no_init = skip_trunc_normal_on_fake_tensors() if fake else contextlib.nullcontext()
     with tensors, no_init, _architecture_only(model_spec):
         model = build(model_spec, BaseNVSModel, "model")
         if hasattr(model, "random_num_context"):
