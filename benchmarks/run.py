@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -526,14 +527,18 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
 
 
 def default_results_file(info: dict, tiny: bool = False) -> Path:
-    """``results/<gpu or cpu>-<cores>c[-<cpu capability>][-tiny].json`` for `machine()`'s ``info``: CPUs with
-    different vector units (AVX2, AVX512) get separate files, since bf16 is fast on one and slow on the other."""
+    """``results/<gpu or cpu>-<cores>c[-<cpu capability>][-amx][-tiny].json`` for `machine()`'s ``info``: CPUs
+    with different vector units (AVX2, AVX512, AVX512 with AMX tiles) get separate files, since bf16 is slow on
+    the first, fast on the second and faster again on the third."""
     if "gpu" in info:
         parts = ["cuda-" + info["gpu"].split()[-1].lower(), f"{info['cores']}c"]
     else:
-        parts = ["cpu-" + info["cpu"].split()[0].lower(), f"{info['cores']}c"]
+        vendor = re.sub(r"\((r|tm)\)", "", info["cpu"].split()[0].lower())  # "Intel(R) Xeon(R)" -> intel
+        parts = ["cpu-" + vendor, f"{info['cores']}c"]
         if "cpu_capability" in info:
             parts.append(info["cpu_capability"].lower())
+        if info.get("amx"):
+            parts.append("amx")
     if tiny:
         parts.append("tiny")
     return RESULTS / ("-".join(parts) + ".json")
@@ -550,6 +555,8 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     with contextlib.suppress(Exception):
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    with contextlib.suppress(Exception):  # torch's capability says AVX512 for AMX CPUs too
+        info["amx"] = bool(torch.cpu._is_amx_tile_supported())
     with contextlib.suppress(OSError):
         info["load_average"] = list(os.getloadavg())
     if torch.cuda.is_available():
@@ -625,7 +632,7 @@ def results_table(data: dict) -> str:
             f"| {_f(r.get('seconds_per_novel_view'), '.1f')} | {_f(r.get('peak_train_gib'), '.2f')} "
             f"| {_f(share, '.0f', '%')} | {'; '.join(note)} |"
         )
-    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores ({m.get('cpu_capability', '?')})"
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores ({m.get('cpu_capability', '?')}{' + AMX' if m.get('amx') else ''})"
     peaks = data["matmul_peak_gflops"]
     sessions = "; ".join(
         f"{s['started']} ({', '.join(s['methods'])}"

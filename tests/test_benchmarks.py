@@ -103,6 +103,9 @@ def test_default_results_file_separates_cpu_capabilities(bench):
     assert bench.default_results_file(cpu).name == "cpu-amd-2c-avx512.json"
     assert bench.default_results_file({**cpu, "cpu_capability": "AVX2"}, tiny=True).name == "cpu-amd-2c-avx2-tiny.json"
     assert bench.default_results_file({"cpu": "AMD EPYC", "cores": 2}).name == "cpu-amd-2c.json"  # unknown capability
+    amx = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "cpu_capability": "AVX512", "amx": True}
+    assert bench.default_results_file(amx).name == "cpu-intel-2c-avx512-amx.json"  # AMX tiles: a file of its own
+    assert bench.default_results_file({**amx, "amx": False}).name == "cpu-intel-2c-avx512.json"
     gpu = {**cpu, "cores": 16, "gpu": "NVIDIA H200"}
     assert bench.default_results_file(gpu).name == "cuda-h200-16c.json"  # GPUs: no CPU capability
     assert bench.default_results_file(gpu).parent == bench.RESULTS
