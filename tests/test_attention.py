@@ -41,9 +41,14 @@ def test_other_inputs_go_to_sdpa(monkeypatch):
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
     x = torch.randn(1, 2, 16, 8)
     attention(x, x, x)  # fp32: SDPA
-    attention(x.bfloat16(), x.bfloat16(), x.bfloat16())  # bf16, small: explicit
+    xb = x.bfloat16().requires_grad_()
+    attention(xb, xb, xb)  # bf16, small, recorded for the backward pass: explicit
     assert calls == [torch.float32]
+    with torch.no_grad():  # bf16 without gradients (sampling): SDPA, whose forward is the faster one
+        attention(xb, xb, xb)
+    attention(x.bfloat16(), x.bfloat16(), x.bfloat16())  # nothing requires a gradient: SDPA too
+    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]
     n = math.isqrt(MAX_CPU_SCORES) * 2  # score matrix over the cap: SDPA (memory-efficient) again
-    big = torch.randn(1, 1, n, 4).bfloat16()
+    big = torch.randn(1, 1, n, 4).bfloat16().requires_grad_()
     attention(big, big, big)
-    assert calls == [torch.float32, torch.bfloat16]
+    assert calls == [torch.float32] + [torch.bfloat16] * 3

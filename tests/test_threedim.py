@@ -9,7 +9,7 @@ from genvs.core.config import spec
 from genvs.core.samplers import DDIMScheduler, Sampler
 from genvs.core.views import Views
 from genvs.methods.threedim import ThreeDiM, XUNet
-from genvs.methods.threedim.xunet import logsnr_embedding_input
+from genvs.methods.threedim.xunet import interleave_frames, logsnr_embedding_input
 
 
 def tiny_model(**kw):
@@ -185,6 +185,36 @@ def test_precomputed_pose_embeddings_match_the_direct_path():
     pose = [torch.stack([torch.cat([c[:1], f0]), torch.cat([t[:1], f1])], 1).flatten(0, 1)
             for c, t, f0, f1 in zip(cond, tgt, free[0], free[1])]
     torch.testing.assert_close(net(x, z, lam, None, mask, pose=pose), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_interleave_frames_keeps_the_frame_order_and_channels_last():
+    """Samplers interleave per-frame pose embeddings; a plain stack + flatten returns channels_last inputs
+    contiguous, and every FiLM conv would then convert its emb_ch-wide input again."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 8, 5, 6, generator=g), torch.randn(3, 8, 5, 6, generator=g)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        c, t = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+        out = interleave_frames(c, t)
+        assert torch.equal(out[0::2], a) and torch.equal(out[1::2], b)
+        assert out.is_contiguous(memory_format=fmt)
+    one = a[:1].contiguous(memory_format=torch.channels_last).expand(3, -1, -1, -1)  # the unconditional branch's
+    out = interleave_frames(one, one)
+    assert torch.equal(out, a[:1].expand(6, -1, -1, -1)) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sampling_feeds_every_film_conv_channels_last():
+    """With guidance and stochastic conditioning, the precomputed pose embeddings reach each FiLM conv in
+    channels_last, as in training (no per-block layout conversion of the emb_ch-wide embedding)."""
+    m = tiny_model().eval()
+    m.configure_model()  # channels_last weights, as Lightning sets the model up
+    seen = []
+    for module in m.denoiser.modules():
+        if type(module).__name__ == "FiLM":
+            module.proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    ctx, tgt = pair_views(2).split()
+    with torch.no_grad():
+        m.sample(ctx, tgt.cameras_only(), generator=torch.Generator().manual_seed(0))
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} FiLM inputs not channels_last"
 
 
 def _diagnostic_views(B=3):

@@ -13,7 +13,7 @@ from genvs.core.diffusion import CosineLogSNRSchedule, NoiseSchedule, diffusion_
 from genvs.core.model import BaseNVSModel, OptimConfig
 from genvs.core.samplers import Sampler, cfg_combine, stochastic_conditioning
 from genvs.core.views import Views
-from genvs.methods.threedim.xunet import XUNet
+from genvs.methods.threedim.xunet import XUNet, interleave_frames
 
 __all__ = ["ThreeDiM"]
 
@@ -124,7 +124,7 @@ class ThreeDiM(BaseNVSModel):
         uncond_pose = None
         if guided:  # the learned embeddings alone: the pose input of the unconditional branch
             free = zip(net.frame_pose_embedding(None, role=0), net.frame_pose_embedding(None, role=1))
-            uncond_pose = [torch.stack([c, t], 1).expand(B, 2, *c.shape[1:]).flatten(0, 1) for c, t in free]
+            uncond_pose = [interleave_frames(c.expand(B, -1, -1, -1), t.expand(B, -1, -1, -1)) for c, t in free]
         target_pose: dict[int, list[Tensor]] = {}
 
         def denoise(z: Tensor, logsnr: Tensor, cond_img: Tensor, cond_idx: Tensor, j: int) -> Tensor:
@@ -134,7 +134,7 @@ class ThreeDiM(BaseNVSModel):
                 target_pose.clear()
                 target_pose[j] = net.frame_pose_embedding(rays_all[:, Nc + j], role=1)
             cond_pose = net.frame_pose_embedding(rays_all[batch, cond_idx], role=0)
-            pose = [torch.stack([c, t], 1).flatten(0, 1) for c, t in zip(cond_pose, target_pose[j])]
+            pose = [interleave_frames(c, t) for c, t in zip(cond_pose, target_pose[j])]
             if not guided:
                 return self.denoise(cond_img, z, logsnr, None, ones, pose=pose)
             both = [torch.cat([p, u]) for p, u in zip(pose, uncond_pose)]

@@ -78,6 +78,15 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def interleave_frames(cond: Tensor, target: Tensor) -> Tensor:
+    """``[N, C, H, W]`` tensors of the conditioning and target frames -> ``[2N, C, H, W]`` in the X-UNet's frame
+    order (scene 0's conditioning frame, its target frame, scene 1's, ...), channels_last when the inputs are
+    laid out channels-last, expanded ones included (``torch.stack(..., 1).flatten(0, 1)`` returns them contiguous)."""
+    if cond.dim() == 4 and cond.stride(1) == 1 and cond.shape[2] * cond.shape[3] > 1:
+        return torch.stack([cond.permute(0, 2, 3, 1), target.permute(0, 2, 3, 1)], 1).flatten(0, 1).permute(0, 3, 1, 2)
+    return torch.stack([cond, target], 1).flatten(0, 1)
+
+
 class FiLM(nn.Module):
     """``h * (1 + scale) + shift`` with per-pixel ``(scale, shift) = Linear(swish(emb))``."""
 
@@ -317,8 +326,10 @@ class XUNet(Configurable, nn.Module):
         logsnr_emb = self.logsnr_mlp(t_emb.to(self.logsnr_mlp[0].weight.dtype)).flatten(0, 1)  # [B*2, emb]
         if pose is None:
             pose = self.pose_embedding(rays, cond_mask)
-        # swish(emb) feeds every FiLM of a level: compute it once per level
-        emb_act = [F.silu(p + logsnr_emb[:, :, None, None]) for p in pose]
+        # swish(emb) feeds every FiLM of a level: computed once per level, channels_last like every activation
+        # (precomputed embeddings may come in contiguous, and each FiLM conv of the level would convert its
+        # [B*2, emb_ch, H, W] input again: on a CPU, most of a bf16 sampling step)
+        emb_act = [F.silu(p + logsnr_emb[:, :, None, None]).contiguous(memory_format=torch.channels_last) for p in pose]
 
         h = torch.stack([x, z], dim=1).flatten(0, 1).contiguous(memory_format=torch.channels_last)
         h = self.conv_in(h)
