@@ -386,3 +386,9 @@ print(w.std().item(), w.abs().max().item())
     assert out.returncode == 0, out.stderr[-2000:]
     std, top = map(float, out.stdout.split()[-2:])
     assert std == pytest.approx(0.1 * 0.8796, rel=0.03) and 0.19 < top <= 0.2  # truncated unit normal's std 0.88
+
+
+def test_a6o_reference_names_the_missing_port(tmp_path):
+    """a6o_reference.py needs a clone of the port; without one it says where to get it."""
+    with pytest.raises(SystemExit, match="no xunet.py there; clone https://github.com/a6o/3d-diffusion-pytorch"):
+        _load("a6o_reference").main(["--a6o", str(tmp_path)])
