@@ -69,7 +69,6 @@ class Reference:
         views_per_eval: novel views one sampling step advances (one per scene, or a whole ring).
         net_images_per_eval: images the network processes in one sampling step (CFG doubles them).
         steps_per_view: denoiser evaluations per novel view of the method's default sampler.
-        compile_modules: the submodules ``torch.compile`` is applied to (``nn.Module.compile``, in place).
         description, sampler, sample_unit: documentation written into the results.
     """
 
@@ -81,7 +80,6 @@ class Reference:
     views_per_eval: int
     net_images_per_eval: int
     steps_per_view: int
-    compile_modules: Callable[[Any], list]
     description: str
     sampler: str
     sample_unit: str
@@ -134,7 +132,6 @@ def reference_threedim(tiny: bool = False) -> Reference:
         model=model, views=views, context=context, targets=targets.cameras_only(),
         samples_per_step=B, views_per_eval=B, net_images_per_eval=B * (2 if scale != 1 else 1),
         steps_per_view=model.sampler.num_steps,
-        compile_modules=lambda m: [m.denoiser],
         description=f"X-UNet ch {net['init_args']['ch']}, ch_mult {net['init_args']['ch_mult']}, "
         f"emb_ch {net['init_args']['emb_ch']}, {net['init_args']['num_res_blocks']} res blocks, attention at "
         f"{net['init_args']['attn_resolutions']}; {H}x{H} px, batch {B} (conditioning + target frame)",
@@ -208,7 +205,6 @@ def reference_mvdiffusion(tiny: bool = False) -> Reference:
         model=model, views=views, context=context, targets=targets.cameras_only(),
         samples_per_step=B, views_per_eval=B * V, net_images_per_eval=B * V * (2 if scale != 1 else 1),
         steps_per_view=model.sampler.num_steps,
-        compile_modules=lambda m: [m.denoiser.unet],
         description=f"panorama ring of {V} views {H}x{H} px (latents {H // 8}x{H // 8}), batch {B} ring; "
         f"random-weight SD-2-architecture UNet, block widths {tuple(unet_cfg['block_out_channels'])}, "
         f"{unet_params:.1f}M frozen parameters, cross-attention width {unet_cfg['cross_attention_dim']}; "
@@ -250,7 +246,6 @@ def reference_dfm(tiny: bool = False) -> Reference:
         model=model, views=views, context=context, targets=targets.cameras_only(),
         samples_per_step=B, views_per_eval=B, net_images_per_eval=B * (2 if model.sampler.guided else 1),
         steps_per_view=model.sampler.num_steps,
-        compile_modules=lambda m: [m.denoiser.encoder, m.denoiser.field, m.denoiser.cond_field],
         description=f"{H}x{H} px, {Nc} context + {M} target views, batch {B}; DiT encoder "
         f"{args['encoder_kwargs']['hidden_size']} wide / {args['encoder_kwargs']['depth']} blocks, MLP "
         f"{args['mlp_hidden']} wide / {args['mlp_blocks']} blocks, {args['n_coarse']} + {args['n_fine']} samples "
@@ -294,7 +289,6 @@ def reference_warping(tiny: bool = False) -> Reference:
         model=model, views=views, context=views, targets=targets,
         samples_per_step=B, views_per_eval=B, net_images_per_eval=B * (2 if scale != 1 else 1),
         steps_per_view=model.sampler.num_steps,
-        compile_modules=lambda m: [m.conditional],
         description=f"conditional ADM (stage 2), {H}x{H} px RGBD, model_channels {args['model_channels']}, "
         f"channel_mult {args['channel_mult']}, {args['num_res_blocks']} res blocks, attention at "
         f"{args['attention_resolutions']}, {args['num_classes']} classes; batch {B} images (warped pairs)",
@@ -479,8 +473,8 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
     _emit("PARTIAL", out)
     # 2. compilation (warm-up steps of the compiled modules, training and sampling graphs)
     if opts["compile"]:
-        for m in ref.compile_modules(model):
-            m.compile()
+        model.torch_compile = True
+        model.configure_model()  # compiles model.compiled_modules() in place, as genvs fit does
         t = time.perf_counter()
         model.train()
         train_step()

@@ -13,7 +13,8 @@ A method subclasses `BaseNVSModel` and provides only what differs (**must implem
 
 **Optional hooks** (override and call ``super()`` where it has one): `generate` (what evaluation feeds to
 `sample`), `predict_step` (extra outputs such as orbits or panoramas), `log_image_grid`,
-`configure_optimizers` (parameter groups), `sampler_description` (the sampler column of results tables),
+`configure_optimizers` (parameter groups), `compiled_modules` (what ``torch_compile`` compiles),
+`sampler_description` (the sampler column of results tables),
 the class attribute ``prediction``, and any Lightning hook.
 
 **Guaranteed by the base**: the optimizer and LR warmup/schedule (`OptimConfig`), EMA weights (updated
@@ -134,6 +135,11 @@ class BaseNVSModel(L.LightningModule):
         ema_decay: EMA decay of the trainable weights; ``0`` disables EMA (sampling uses raw weights).
         use_ema_for_eval: sample with the EMA weights in validation/test/predict.
         channels_last: keep conv weights and activations in channels_last (fast bf16 convs on CPU/GPU).
+        torch_compile: compile the method's networks (`compiled_modules`) with ``torch.compile`` when the model
+            is set up, in place (``nn.Module.compile``: parameter names, checkpoints and the EMA are
+            unchanged). ``True`` uses torch's defaults; a dict gives its arguments (``mode``, ``backend``,
+            ``dynamic``, ``fullgraph``, ...). Compiling takes minutes the first time and pays off in long
+            runs; ``benchmarks/run.py --variants fp32_cl fp32_cl_compile`` measures it. Not with FSDP.
         nonfinite_loss: what a non-finite training loss does: ``error`` stops with the batch's scene ids,
             ``skip`` skips the update (on every DDP rank at once) and counts it (``train/skipped_steps``).
         max_skipped: with ``skip``, stop with an error after more than this many consecutive skipped steps
@@ -156,6 +162,7 @@ class BaseNVSModel(L.LightningModule):
         ema_decay: float = 0.9999,
         use_ema_for_eval: bool = True,
         channels_last: bool = True,
+        torch_compile: bool | dict[str, Any] = False,
         nonfinite_loss: Literal["error", "skip"] = "error",
         max_skipped: int | None = None,
         sample_seed: int = 0,
@@ -169,6 +176,14 @@ class BaseNVSModel(L.LightningModule):
         self.ema_decay = ema_decay
         self.use_ema_for_eval = use_ema_for_eval
         self.channels_last = channels_last
+        if isinstance(torch_compile, dict):
+            unknown = set(torch_compile) - set(inspect.signature(torch.compile).parameters) - {"model"}
+            if unknown or "model" in torch_compile:
+                raise ValueError(
+                    f"torch_compile={torch_compile!r}: {sorted(unknown or {'model'})} are not torch.compile "
+                    f"arguments; use true or a dict of {sorted(set(inspect.signature(torch.compile).parameters) - {'model'})}"
+                )
+        self.torch_compile = torch_compile
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"nonfinite_loss={nonfinite_loss!r}: use 'error' or 'skip'")
         if max_skipped is not None and max_skipped < 0:
@@ -257,6 +272,12 @@ class BaseNVSModel(L.LightningModule):
         if self._under_fsdp():
             from genvs.core.distributed import NVSFSDPStrategy
 
+            if self.torch_compile:
+                raise ValueError(
+                    "model.torch_compile is not supported under FSDP in genvs (the networks would be compiled "
+                    "before they are wrapped and sharded): set model.init_args.torch_compile: false, or use DDP"
+                )
+
             # FSDP flattens each weight in *memory* order but reshards optimizer states (and genvs' EMA)
             # in logical order: channels_last conv weights would come back scrambled. Keep weights contiguous
             # (the networks still pass channels_last activations).
@@ -280,6 +301,19 @@ class BaseNVSModel(L.LightningModule):
             self.denoiser.to(memory_format=torch.channels_last)
         if self.ema is None and self.ema_decay > 0:
             self.ema = EMA(self.denoiser, decay=self.ema_decay)
+        if self.torch_compile:
+            options = {} if self.torch_compile is True else dict(self.torch_compile)
+            for module in self.compiled_modules():
+                if getattr(module, "_compiled_call_impl", None) is None:  # this hook runs for every stage
+                    module.compile(**options)
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """The networks that ``torch_compile`` compiles: those whose ``forward`` the method calls in its training
+        and sampling loops. Default: the denoiser, or each network of a ``ModuleDict`` / ``ModuleList``
+        denoiser. Override where the method drives its networks through other methods than ``forward``."""
+        if isinstance(self.denoiser, (nn.ModuleDict, nn.ModuleList)):
+            return list(self.denoiser.values() if isinstance(self.denoiser, nn.ModuleDict) else self.denoiser)
+        return [self.denoiser]
 
     def _under_fsdp(self) -> bool:
         if self._trainer is None:

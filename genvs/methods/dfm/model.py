@@ -189,6 +189,10 @@ class DFM(BaseNVSModel):
             self.ema.reset_count()
         print(f"genvs: DFM initialised from {path} ({src_stage} stage)")
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """``torch_compile``: the image encoder and both pixelNeRF fields (the denoiser calls them directly)."""
+        return [self.denoiser.encoder, self.denoiser.field, self.denoiser.cond_field]
+
     def context_subset(self, views: Views) -> Views:
         """The official trainer's random number of context views: the first ``n ~ U{1..num_context}``."""
         nc = views.num_context

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 
 from genvs.core.config import spec
 from genvs.core.distributed import BatchRNG
@@ -258,6 +258,10 @@ class MVDiffusion(BaseNVSModel):
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         path = self.save_adapter(folder / ADAPTER_FILE)
         self.print(f"genvs: MVDiffusion CAA adapter saved to {path}")
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """``torch_compile``: the Stable Diffusion UNet, with the CAA blocks it runs."""
+        return [self.denoiser.unet]
 
     # ---------------------------------------------------------------------------------- inputs
     def latent_size(self, H: int, W: int) -> tuple[int, int]:
