@@ -138,8 +138,8 @@ class BaseNVSModel(L.LightningModule):
         torch_compile: compile the method's networks (`compiled_modules`) with ``torch.compile`` when the model
             is set up, in place (``nn.Module.compile``: parameter names, checkpoints and the EMA are
             unchanged). ``True`` uses torch's defaults; a dict gives its arguments (``mode``, ``backend``,
-            ``dynamic``, ``fullgraph``, ...). Compiling takes minutes the first time and pays off in long
-            runs; ``benchmarks/run.py --variants fp32_cl fp32_cl_compile`` measures it. Not with FSDP.
+            ``dynamic``, ``fullgraph``, ...). Compiling takes minutes the first time and does not pay for
+            every network (``benchmarks/run.py --variants fp32_cl fp32_cl_compile`` measures it). Not with FSDP.
         nonfinite_loss: what a non-finite training loss does: ``error`` stops with the batch's scene ids,
             ``skip`` skips the update (on every DDP rank at once) and counts it (``train/skipped_steps``).
         max_skipped: with ``skip``, stop with an error after more than this many consecutive skipped steps
@@ -177,11 +177,11 @@ class BaseNVSModel(L.LightningModule):
         self.use_ema_for_eval = use_ema_for_eval
         self.channels_last = channels_last
         if isinstance(torch_compile, dict):
-            unknown = set(torch_compile) - set(inspect.signature(torch.compile).parameters) - {"model"}
-            if unknown or "model" in torch_compile:
+            allowed = set(inspect.signature(torch.compile).parameters) - {"model"}
+            if set(torch_compile) - allowed:
                 raise ValueError(
-                    f"torch_compile={torch_compile!r}: {sorted(unknown or {'model'})} are not torch.compile "
-                    f"arguments; use true or a dict of {sorted(set(inspect.signature(torch.compile).parameters) - {'model'})}"
+                    f"torch_compile={torch_compile!r}: {sorted(set(torch_compile) - allowed)} are not torch.compile "
+                    f"arguments; use true or a dict of {sorted(allowed)}"
                 )
         self.torch_compile = torch_compile
         if nonfinite_loss not in ("error", "skip"):
