@@ -74,7 +74,7 @@ def port_step(folder: Path, ref):
 
 
 def genvs_step(variant: str):
-    """One Adam step of genvs' 3DiM reference (``run.py``'s training step, EMA update included)."""
+    """One Adam step of genvs' 3DiM reference (``run.py``'s `training_step`, EMA update included)."""
     import torch
 
     torch.manual_seed(0)
@@ -88,15 +88,7 @@ def genvs_step(variant: str):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_cl")
 
-    def step():
-        with autocast:
-            loss = model.training_loss(ref.views)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.ema.update(model.denoiser)
-
-    return step
+    return lambda: bench.training_step(model, ref.views, opt, autocast)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -376,6 +376,17 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def training_step(model, views, opt, autocast) -> None:
+    """One optimizer step as Lightning runs it: the loss under ``autocast``, backward, the step, the EMA update."""
+    with autocast:
+        loss = model.training_loss(views)["loss"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if model.ema is not None:
+        model.ema.update(model.denoiser)
+
+
 def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool = False, peak_seconds: float = 1.0) -> dict:
     """Measure one (method, variant) in this process (see the module docstring).
 
@@ -413,13 +424,7 @@ def run_variant(method: str, variant: str, device: str, repeats: int, tiny: bool
             torch.cuda.synchronize()
 
     def train_step():
-        with autocast:
-            loss = model.training_loss(views)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if model.ema is not None:
-            model.ema.update(model.denoiser)
+        training_step(model, views, opt, autocast)
 
     step_times: list[float] = []
     flops_holder: dict[str, int] = {}

@@ -365,7 +365,7 @@ def test_memory_init_patch_stays_right_after_libraries_record_it():
     no-op patch left the X-UNet's LeCun init undone (a CI failure in test_threedim). Run in a fresh process,
     where diffusers is not imported yet."""
     script = f"""
-import math, sys, importlib.util, torch
+import sys, importlib.util, torch
 from torch._subclasses import FakeTensorMode
 spec = importlib.util.spec_from_file_location("memory", {str(BENCH / "memory.py")!r})
 memory = importlib.util.module_from_spec(spec); spec.loader.exec_module(memory)

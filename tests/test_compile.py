@@ -59,7 +59,7 @@ def test_compiled_denoiser_trains_like_the_eager_one():
     assert compiled.denoiser._compiled_call_impl is impl
 
 
-def test_each_method_compiles_the_networks_its_step_calls():
+def test_dfm_compiles_the_networks_its_step_calls():
     """DFM drives its encoder and fields directly, not through the denoiser's forward: those are compiled."""
     m = tiny_dfm()
     called = set()

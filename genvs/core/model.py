@@ -312,7 +312,7 @@ class BaseNVSModel(L.LightningModule):
         and sampling loops. Default: the denoiser, or each network of a ``ModuleDict`` / ``ModuleList``
         denoiser. Override where the method drives its networks through other methods than ``forward``."""
         if isinstance(self.denoiser, (nn.ModuleDict, nn.ModuleList)):
-            return list(self.denoiser.values() if isinstance(self.denoiser, nn.ModuleDict) else self.denoiser)
+            return list(self.denoiser.children())
         return [self.denoiser]
 
     def _under_fsdp(self) -> bool:
