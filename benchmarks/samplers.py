@@ -26,7 +26,9 @@ seeds. x0 clipping follows the checkpoint's scheduler (``clip_sample``; DPM-Solv
 Generation is `BaseNVSModel.generate` (EMA weights, per-batch seeds) on the config's test split with the
 protocol ``input_views`` / ``--num-scenes`` / ``--num-targets``; metrics are `genvs.eval.metrics.NVSMetrics`.
 ``--precision`` (default ``auto``: what ``genvs test`` picks for the device) runs it under bf16 autocast
-with a channels_last denoiser for ``bf16-mixed``, as Lightning runs ``genvs test``.
+with a channels_last denoiser for ``bf16-mixed``, as Lightning runs ``genvs test``; given several
+precisions (``--precision 32-true bf16-mixed``), every row runs at each, on the same views and seeds, and
+the table gains a precision column: what bf16 costs in quality, next to what it saves in time.
 Writes ``benchmarks/results/samplers_<method>_<dataset>.json`` and ``.md`` and the samplers block of
 ``benchmarks/README.md``.
 """
@@ -249,13 +251,22 @@ def markdown(data: dict) -> str:
     head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
     lines = [
         f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
-        f"checkpoint `{data['checkpoint']}`, {data['device']}{', ' + data['precision'] if data.get('precision') else ''}, {data['date']}; PSNR ± its standard error over views)"
+        f"checkpoint `{data['checkpoint']}`, {data['device']}{', ' + data['precision'] if isinstance(data.get('precision'), str) else ''}, {data['date']}; PSNR ± its standard error over views)"
         + (f"; not measured (no local weights): {', '.join(sorted(data['missing_metrics']))}" if data["missing_metrics"] else ""),
         "",
         "| sampler | scheduler | steps | guidance | " + " | ".join(head[c] for c in cols) + " | s / view | faster than paper |",
         "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
     ]
-    papers = {r.get("guidance_scale"): r for r in data["rows"] if r["sampler"] == "paper"}
+    precisions = list(dict.fromkeys(r.get("precision", data.get("precision")) for r in data["rows"]))
+    by_precision = len(precisions) > 1
+    if by_precision:
+        lines[2] = lines[2].replace("| guidance |", "| guidance | precision |")
+        lines[3] += "---|"
+
+    def key(r: dict) -> tuple:
+        return r.get("guidance_scale"), r.get("precision", data.get("precision"))
+
+    papers = {key(r): r for r in data["rows"] if r["sampler"] == "paper"}
 
     def cells(r: dict) -> list[str]:
         out = []
@@ -270,13 +281,15 @@ def markdown(data: dict) -> str:
         return out
 
     for r in data["rows"]:
-        ref = papers.get(r.get("guidance_scale"))  # the paper sampler at the same guidance scale
+        ref = papers.get(key(r))  # the paper sampler at the same guidance scale and precision
         speed = f"{ref['seconds_per_view'] / r['seconds_per_view']:.1f}x" if ref else "–"
         scale = f"{r['guidance_scale']:g}" if isinstance(r.get("guidance_scale"), (int, float)) else "–"
+        if by_precision:
+            scale += f" | {key(r)[1]}"
         lines.append(f"| {r['sampler']} | {r['scheduler']} | {r['steps']} | {scale} | "
                      + " | ".join(cells(r)) + f" | {r['seconds_per_view']:.2f} | {speed} |")
     if data.get("baseline"):  # what no sampler should fall below
-        lines.append("| copy the input view (baseline) | – | 0 | – | " + " | ".join(cells(data["baseline"])) + " | – | – |")
+        lines.append("| copy the input view (baseline) | – | 0 | – | " + "– | " * by_precision + " | ".join(cells(data["baseline"])) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -313,9 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-root", default=None, help="override data.init_args.root")
     ap.add_argument("--batch-size", type=int, default=None, help="override data.init_args.batch_size")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "32-true", "bf16-mixed"],
                     help="auto: genvs' default for the device, as genvs test picks it (bf16-mixed on GPUs with bf16 "
-                         "and CPUs with AVX-512-BF16 or AMX, else 32-true)")
+                         "and CPUs with AVX-512-BF16 or AMX, else 32-true); several: every row at each")
     ap.add_argument("--out", default=None, help="results JSON (default results/samplers_<method>_<dataset>.json)")
     ap.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     args = ap.parse_args(argv)
@@ -341,30 +354,34 @@ def main(argv: list[str] | None = None) -> dict:
     cls = method_class(config, ckpt)
     del ckpt
     model = cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).to(device).eval()
-    precision = default_precision(torch.device(device).type) if args.precision == "auto" else args.precision
+    precisions = list(dict.fromkeys(default_precision(torch.device(device).type) if p == "auto" else p
+                                    for p in args.precision))
     if getattr(model, "channels_last", False):  # as the model's setup does under genvs test
         model.denoiser.to(memory_format=torch.channels_last)
     dm = build_datamodule(config, args)
     loader = dm.test_dataloader()
     metrics, missing = available_metrics(args.metrics)
     rows = []
-    for name, sampler in make_samplers(model, args.samplers, args.steps, args.paper_steps, args.guidance_scales):
-        res = evaluate(model, loader, sampler, metrics, device, precision)
-        row = {"sampler": name, "scheduler": type(sampler.scheduler).__name__, "steps": sampler.num_steps,
-               "guidance_scale": sampler.guidance_scale, "scheduler_spec": to_spec(sampler.scheduler), **res}
-        rows.append(row)
-        shown = ", ".join(f"{k} {row[k]:.4g}" for k in metrics if k in row)
-        print(f"{name:6s} {row['scheduler']:28s} {row['steps']:4d} steps: {shown}, {row['seconds_per_view']:.2f} s/view",
-              flush=True)
+    samplers = make_samplers(model, args.samplers, args.steps, args.paper_steps, args.guidance_scales)
+    for precision in precisions:
+        for name, sampler in samplers:
+            res = evaluate(model, loader, sampler, metrics, device, precision)
+            row = {"sampler": name, "scheduler": type(sampler.scheduler).__name__, "steps": sampler.num_steps,
+                   "guidance_scale": sampler.guidance_scale, "precision": precision,
+                   "scheduler_spec": to_spec(sampler.scheduler), **res}
+            rows.append(row)
+            shown = ", ".join(f"{k} {row[k]:.4g}" for k in metrics if k in row)
+            print(f"{name:6s} {row['scheduler']:28s} {row['steps']:4d} steps, {precision}: {shown}, "
+                  f"{row['seconds_per_view']:.2f} s/view", flush=True)
     from genvs.methods.baselines import CopyInput
 
-    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device, precision)  # the same views, copied
+    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device, precisions[0])  # the same views, copied
     print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
         "method": cls.__name__, "dataset": dataset, "config": " + ".join(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
-        "metrics": metrics, "missing_metrics": missing, "device": device, "precision": precision, "threads": torch.get_num_threads(),
+        "metrics": metrics, "missing_metrics": missing, "device": device, "precision": precisions[0] if len(precisions) == 1 else precisions, "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": {"method": "copy_input", **baseline},
     }
     data["machine"] = _bench_run().machine()

@@ -220,6 +220,32 @@ def test_samplers_precision_autocasts_generation_as_genvs_test(trained, tiny_con
     assert psnr["bf16-mixed"] == pytest.approx(psnr["32-true"], abs=1.0)
 
 
+def test_samplers_several_precisions_share_one_table(trained, tiny_config, tmp_path):
+    """``--precision 32-true bf16-mixed`` runs every row at each precision on the same views and seeds: a
+    precision column, "faster than paper" against the paper sampler at the same precision, bf16 PSNR close
+    to fp32's."""
+    samplers = _load("samplers")
+    _, ckpt, _ = trained
+    out = tmp_path / "both.json"
+    data = samplers.main(["--config", str(tiny_config), "--ckpt", str(ckpt), "--num-scenes", "1", "--num-targets", "1",
+                          "--input-views", "0", "--samplers", "paper", "ddim", "--steps", "2", "--paper-steps", "2",
+                          "--metrics", "--precision", "32-true", "bf16-mixed", "--device", "cpu", "--out", str(out),
+                          "--no-readme"])
+    assert data["precision"] == ["32-true", "bf16-mixed"]
+    assert [(r["sampler"], r["precision"]) for r in data["rows"]] == [
+        ("paper", "32-true"), ("ddim", "32-true"), ("paper", "bf16-mixed"), ("ddim", "bf16-mixed")]
+    fp32, bf16 = data["rows"][1], data["rows"][3]
+    assert bf16["psnr"] == pytest.approx(fp32["psnr"], abs=1.0)
+    md = out.with_suffix(".md").read_text()
+    assert "| sampler | scheduler | steps | guidance | precision | PSNR ↑ |" in md
+    assert "cpu, 32-true" not in md  # the heading names no single precision
+    paper_rows = [line for line in md.splitlines() if line.startswith("| paper |")]
+    assert [line.split(" | ")[4] for line in paper_rows] == ["32-true", "bf16-mixed"]
+    assert all(line.endswith("| 1.0x |") for line in paper_rows)  # each against its own precision
+    baseline = next(line for line in md.splitlines() if line.startswith("| copy the input view"))
+    assert baseline.count("|") == paper_rows[0].count("|")  # the baseline row fills the extra column
+
+
 def test_samplers_guidance_sweep_and_psnr_spread(trained, tiny_config, tmp_path):
     """``--guidance-scales`` repeats every sampler row at each scale; ``psnr_se`` is the standard error of the
     per-view PSNRs, checked by hand on the copy baseline's two views."""
