@@ -375,6 +375,23 @@ def _cross2(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor) -> Tensor:
     return ax * by - ay * bx
 
 
+def _candidate_chunks(csum: Tensor, max_candidates: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Triangle ranges ``(lo, hi)`` holding at most ~``max_candidates`` candidate pixels each, and their
+    candidate counts, from the cumulative counts ``csum [T]``.
+
+    The rasteriser's one host-device synchronisation: the number of candidate pixels is data, and it
+    sizes the buffers (one copy of ``csum`` to the host per call)."""
+    counts = csum.cpu()
+    total = int(counts[-1]) if counts.numel() else 0
+    if total == 0:
+        return [], []
+    cuts = torch.arange(max_candidates, total, max_candidates, dtype=counts.dtype) if total > max_candidates else counts[:0]
+    edges = sorted({0, *torch.searchsorted(counts, cuts, right=True).tolist(), counts.numel()})
+    before = [0, *counts.tolist()]
+    bounds = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if before[hi] > before[lo]]
+    return bounds, [before[hi] - before[lo] for lo, hi in bounds]
+
+
 def rasterize_depth_mesh(
     depth: Tensor,
     K_src: Tensor,
@@ -409,6 +426,10 @@ def rasterize_depth_mesh(
             official forward pass pads by the image size); 0 disables it.
         near: triangles with a vertex closer than this to the target camera plane are dropped.
         max_candidates: candidate pixels processed at once (memory bound), a chunking knob only.
+
+    Each kept triangle draws the pixel centres of its bounding box that fall inside it; a pixel keeps its
+    nearest fragment. The number of candidate pixels is data, so the call reads it once to the host (one
+    host-device synchronisation, `_candidate_chunks`); everything else stays on the device.
     """
     if supersample < 1:
         raise ValueError(f"supersample={supersample} must be a positive integer")
@@ -464,9 +485,9 @@ def rasterize_depth_mesh(
     if atol is not None or rtol is not None:
         disc = (fd.amax(-1) - fd.amin(-1) > (atol or 0.0)) & ((1 / fd).amax(-1) - (1 / fd).amin(-1) > (rtol or 0.0))
         disc = disc & f_ok
-        vflag = torch.zeros(N * P, dtype=torch.bool, device=dev)
-        vflag[(faces + nidx * P)[disc].reshape(-1)] = True
-        vflag = vflag.reshape(N, P)
+        # vertices of discontinuous triangles (a scatter, not a boolean-mask index: no host synchronisation)
+        hits = disc[..., None].expand(N, Fn, 3).reshape(N, -1).float()
+        vflag = torch.zeros(N, P, device=dev).scatter_add_(1, faces.reshape(N, -1), hits) > 0
         edge = vflag[nidx, faces].all(-1)
         if erode > 0:
             k = 2 * erode + 1
@@ -485,40 +506,22 @@ def rasterize_depth_mesh(
     wy = (y_hi - y_lo + 1).clamp_min(0)
     finite = torch.isfinite(fp).all(-1).all(-1)
     keep = f_ok & (fz.amin(-1) > near) & (area.abs() > 1e-10) & (wx > 0) & (wy > 0) & finite
-    tn, tf = keep.nonzero(as_tuple=True)  # kept triangles: scene and face index
-    T = tn.shape[0]
+    # every triangle keeps its place (triangle t = scene t // F, face t % F); a dropped one has no candidate
+    # pixels, so nothing is compacted by a data-dependent size
+    T = N * Fn
+    k_p = fp.reshape(T, 3, 2)
+    k_iz = 1.0 / fz.reshape(T, 3)
+    k_s = src_uv[faces.reshape(T, 3)]  # [T, 3, 2]
+    k_area = area.reshape(T)
+    k_x0 = torch.where(keep, x_lo, 0).reshape(T).long()
+    k_y0 = torch.where(keep, y_lo, 0).reshape(T).long()
+    k_wx = torch.where(keep, wx, 0).reshape(T).long()
+    n_cand = k_wx * torch.where(keep, wy, 0).reshape(T).long()  # [T] candidate pixels: the bounding box
+    k_base = torch.arange(N, device=dev).repeat_interleave(Fn) * (Hs * Ws)  # the scene's first raster pixel
 
-    # per kept triangle data
-    k_p = fp[tn, tf]  # [T, 3, 2]
-    k_iz = 1.0 / fz[tn, tf]  # [T, 3]
-    k_s = src_uv[faces[tn, tf]]  # [T, 3, 2]
-    k_area = area[tn, tf]
-    k_x0, k_y0 = x_lo[tn, tf].long(), y_lo[tn, tf].long()
-    k_wx = wx[tn, tf].long()
-    n_cand = k_wx * wy[tn, tf].long()  # [T]
-
-    zbuf = torch.full((N * Hs * Ws,), float("inf"), device=dev)
-    frag_key, frag_z, frag_t, frag_s = [], [], [], []
-    # chunk the triangles so that at most ~max_candidates candidate pixels exist at once
-    csum = torch.cumsum(n_cand, 0)
-    total = int(csum[-1]) if T > 0 else 0
-    bounds = [0]
-    if total > 0:
-        if total > max_candidates:
-            cuts = torch.arange(max_candidates, total, max_candidates, device=dev)
-            bounds += torch.searchsorted(csum, cuts, right=True).tolist()
-        bounds.append(T)
-    bounds = sorted(set(bounds))
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi <= lo:
-            continue
-        cnt = n_cand[lo:hi]
-        tri = torch.repeat_interleave(torch.arange(lo, hi, device=dev), cnt)  # [M]
-        start = torch.cumsum(cnt, 0) - cnt
-        local = torch.arange(tri.shape[0], device=dev) - torch.repeat_interleave(start, cnt)
-        wxt = k_wx[tri]
-        px = (k_x0[tri] + local % wxt).float() + 0.5
-        py = (k_y0[tri] + local // wxt).float() + 0.5
+    def barycentric(tri: Tensor, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor]:
+        """Of pixel centres ``(px, py)`` in triangles ``tri``: inside (with a small tolerance) and the
+        perspective-correct interpolation weights divided by z (``[M, 3]``)."""
         q = k_p[tri]  # [M, 3, 2]
         dx, dy = q[..., 0] - px[:, None], q[..., 1] - py[:, None]  # vertex - pixel
         inv_a = 1.0 / k_area[tri]
@@ -527,34 +530,44 @@ def rasterize_depth_mesh(
         w2 = 1.0 - w0 - w1
         eps = -1e-5
         inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
-        tri, px, py, w = tri[inside], px[inside], py[inside], torch.stack([w0, w1, w2], -1)[inside]
-        wiz = w * k_iz[tri]  # perspective-correct interpolation weights (times 1/z)
-        z = 1.0 / wiz.sum(-1)
-        s = torch.einsum("mk,mkc->mc", wiz, k_s[tri]) * z[:, None]
-        key = tn[tri] * (Hs * Ws) + py.long() * Ws + px.long()
-        zbuf.scatter_reduce_(0, key, z, reduce="amin")
-        frag_key.append(key), frag_z.append(z), frag_t.append(tri), frag_s.append(s)
+        return inside, torch.stack([w0, w1, w2], -1) * k_iz[tri]
 
-    winner = torch.full((N * Hs * Ws,), -1, dtype=torch.long, device=dev)
-    win_s = torch.zeros(N * Hs * Ws, 2, device=dev)
-    if frag_key:
-        key, z, tri, s = (torch.cat(x) for x in (frag_key, frag_z, frag_t, frag_s))
-        fid = torch.arange(key.shape[0], device=dev)
-        best = z <= zbuf[key]
-        win_f = torch.full((N * Hs * Ws,), -1, dtype=torch.long, device=dev)
-        win_f.scatter_reduce_(0, key[best], fid[best], reduce="amax")  # ties: any one
-        has = win_f >= 0
-        winner[has] = tri[win_f[has]]
-        win_s[has] = s[win_f[has]]
-    covered = winner >= 0
-    if T > 0:
-        wt = winner.clamp_min(0)
-        front = covered & (k_area[wt] > 0)
-        edge_w = covered & edge[tn[wt], tf[wt]]
-        ero_w = covered & eroded[tn[wt], tf[wt]]
-    else:
-        front = edge_w = ero_w = covered
-    zb = torch.where(covered, zbuf, torch.zeros_like(zbuf))
+    # z-buffer of (depth, triangle) pairs packed into one int64: a positive float32's bits order like the
+    # float, so the minimum over a pixel's fragments is its nearest fragment (ties: the lower triangle
+    # index) in one scatter; nothing per fragment is kept between chunks
+    empty = torch.iinfo(torch.int64).max
+    zbuf = torch.full((N * Hs * Ws,), empty, dtype=torch.int64, device=dev)
+    # chunk the triangles so that at most ~max_candidates candidate pixels exist at once
+    bounds, sizes = _candidate_chunks(torch.cumsum(n_cand, 0), max_candidates)
+    for (lo, hi), M in zip(bounds, sizes):
+        cnt = n_cand[lo:hi]
+        tri = torch.repeat_interleave(torch.arange(lo, hi, device=dev), cnt, output_size=M)  # [M]
+        start = torch.cumsum(cnt, 0) - cnt
+        local = torch.arange(M, device=dev) - torch.repeat_interleave(start, cnt, output_size=M)
+        wxt = k_wx[tri]
+        x = k_x0[tri] + local % wxt  # candidate pixel (integer raster coordinates)
+        y = k_y0[tri] + local // wxt
+        inside, wiz = barycentric(tri, x.float() + 0.5, y.float() + 0.5)
+        z = 1.0 / wiz.sum(-1)
+        packed = (z.view(torch.int32).long() << 32) | tri
+        packed = torch.where(inside & (z > 0), packed, empty)  # candidates outside their triangle never win
+        zbuf.scatter_reduce_(0, k_base[tri] + y * Ws + x, packed, reduce="amin")
+
+    covered = zbuf != empty
+    winner = torch.where(covered, zbuf & 0xFFFFFFFF, -1)
+    zb = torch.where(covered, (zbuf >> 32).to(torch.int32).view(torch.float32), 0.0)
+    # the winners' source coordinates, interpolated at their pixel centres as the fragments were
+    if T == 0:  # a mesh without triangles (a single row or column of vertices) covers nothing
+        none = torch.zeros(N, Hs, Ws, dtype=torch.bool, device=dev)
+        return MeshRaster(none.float(), none.float()[..., None].expand(N, Hs, Ws, 2), none, none, none, none, ss)
+    wt = winner.clamp_min(0)
+    pix = torch.arange(N * Hs * Ws, device=dev) % (Hs * Ws)
+    _, wiz = barycentric(wt, (pix % Ws).float() + 0.5, (pix // Ws).float() + 0.5)
+    s = torch.einsum("mk,mkc->mc", wiz, k_s[wt]) * (1.0 / wiz.sum(-1))[:, None]
+    win_s = torch.where(covered[:, None], s, 0.0)
+    front = covered & (k_area[wt] > 0)
+    edge_w = covered & edge.reshape(T)[wt]
+    ero_w = covered & eroded.reshape(T)[wt]
     shp = (N, Hs, Ws)
     return MeshRaster(
         depth=zb.reshape(shp),

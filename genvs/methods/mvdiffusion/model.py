@@ -304,20 +304,22 @@ class MVDiffusion(BaseNVSModel):
             )
         # homographies depend only on intrinsics and relative rotations: one computation serves a batch
         # of identical rings, and the cache serves every later batch with the same ring
-        host = self._host_cameras  # the batch's cameras before they moved to the device: no device read
+        # the batch's cameras before they moved to the device (Lightning's on_before_batch_transfer): what
+        # decides on the host (shared ring, cache key, neighbour views) reads them, never the device
+        host = self._host_cameras
         self._host_cameras = None
-        if host is not None and K.device.type != "cpu" and host[0].shape == K.shape and host[1].shape == c2w.shape:
-            sig = _ring_signature(*host)
-        else:
-            sig = _ring_signature(K, c2w)
+        if host is None or host[0].shape != K.shape or host[1].shape != c2w.shape:
+            host = (K, c2w)  # called outside Lightning: reads the given cameras (a synchronisation on a GPU)
+        sig = _ring_signature(*host)
         shared = bool((sig - sig[:1]).abs().max() < 1e-4)
+        host_c2w = host[1]
         if shared:
             key = (tuple(sizes), tuple(image_size), str(K.device), torch.round(sig[0] * 1e4).cpu().numpy().tobytes())
             if self._corr_cache is not None and self._corr_cache[0] == key:
                 return self._corr_cache[1]
-            K, c2w = K[:1], c2w[:1]
+            K, c2w, host_c2w = K[:1], c2w[:1], host_c2w[:1]
         corr = homography_correspondences(
-            K, c2w, image_size, sizes, neighbors=axis_neighbors(c2w, 2), kernel_size=self.kernel_size
+            K, c2w, image_size, sizes, neighbors=axis_neighbors(host_c2w, 2), kernel_size=self.kernel_size
         )
         if shared:
             self._corr_cache = (key, corr)
