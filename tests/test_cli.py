@@ -151,15 +151,21 @@ def test_default_precision_follows_the_hardware(monkeypatch):
     assert cli.default_precision("cpu") == "32-true"
 
 
-def test_dfm_toy_cars_overlay_shares_the_3dim_toy_data(capsys):
-    # the overlay's DFM run is scored on the same toy cars and views as the 3DiM toy config (README table)
+@pytest.mark.parametrize(
+    ("base", "model", "shared", "steps"),
+    [("dfm_toy", "genvs.methods.dfm.DFM", ("root", "toy", "val_protocol", "test_protocol"), 12000),
+     ("warping_toy", "genvs.methods.warping.WarpingRGBD", ("root", "toy", "test_protocol"), 6000)],
+)
+def test_toy_cars_overlays_share_the_3dim_toy_data(capsys, base, model, shared, steps):
+    # the overlays' runs are scored on the same toy cars and views as the 3DiM toy config (README table)
     root = Path(__file__).resolve().parents[1] / "configs"
-    dfm = printed_config(capsys, ["--config", str(root / "dfm_toy.yaml"), "--config", str(root / "dfm_toy_cars.yaml")])
+    run = printed_config(capsys, ["--config", str(root / f"{base}.yaml"), "--config", str(root / f"{base}_cars.yaml")])
     threedim = printed_config(capsys, ["--config", str(root / "3dim_toy.yaml")])
-    assert dfm["model"]["class_path"] == "genvs.methods.dfm.DFM"
-    for key in ("root", "toy", "val_protocol", "test_protocol"):
-        assert dfm["data"]["init_args"][key] == threedim["data"]["init_args"][key], key
-    assert dfm["trainer"]["max_steps"] == 12000
+    assert run["model"]["class_path"] == model
+    for key in shared:
+        assert run["data"]["init_args"][key] == threedim["data"]["init_args"][key], key
+    assert run["trainer"]["max_steps"] == steps
+    assert run["trainer"]["default_root_dir"] == f"runs/{base}_cars"
 
 
 @pytest.mark.parametrize(
