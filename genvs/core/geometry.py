@@ -524,6 +524,7 @@ def rasterize_depth_mesh(
         perspective-correct interpolation weights divided by z (``[M, 3]``)."""
         q = k_p[tri]  # [M, 3, 2]
         dx, dy = q[..., 0] - px[:, None], q[..., 1] - py[:, None]  # vertex - pixel
+        del q  # (the chunk's temporaries are its memory: each is freed as soon as it is used)
         inv_a = 1.0 / k_area[tri]
         w0 = _cross2(dx[:, 1], dy[:, 1], dx[:, 2], dy[:, 2]) * inv_a
         w1 = _cross2(dx[:, 2], dy[:, 2], dx[:, 0], dy[:, 0]) * inv_a
@@ -542,16 +543,23 @@ def rasterize_depth_mesh(
     for (lo, hi), M in zip(bounds, sizes):
         cnt = n_cand[lo:hi]
         tri = torch.repeat_interleave(torch.arange(lo, hi, device=dev), cnt, output_size=M)  # [M]
-        start = torch.cumsum(cnt, 0) - cnt
-        local = torch.arange(M, device=dev) - torch.repeat_interleave(start, cnt, output_size=M)
+        local = torch.arange(M, device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt, output_size=M)
         wxt = k_wx[tri]
-        x = k_x0[tri] + local % wxt  # candidate pixel (integer raster coordinates)
-        y = k_y0[tri] + local // wxt
+        y = local // wxt  # candidate pixel (integer raster coordinates) within the bounding box ...
+        x = local - y * wxt
+        del local, wxt
+        x += k_x0[tri]  # ... and in the raster
+        y += k_y0[tri]
+        key = k_base[tri] + y * Ws + x
         inside, wiz = barycentric(tri, x.float() + 0.5, y.float() + 0.5)
-        z = 1.0 / wiz.sum(-1)
-        packed = (z.view(torch.int32).long() << 32) | tri
-        packed = torch.where(inside & (z > 0), packed, empty)  # candidates outside their triangle never win
-        zbuf.scatter_reduce_(0, k_base[tri] + y * Ws + x, packed, reduce="amin")
+        del x, y
+        z = wiz.sum(-1).reciprocal_()
+        del wiz
+        packed = (z.view(torch.int32).long() << 32).bitwise_or_(tri)
+        packed.masked_fill_(~(inside & (z > 0)), empty)  # candidates outside their triangle never win
+        del z, inside, tri
+        zbuf.scatter_reduce_(0, key, packed, reduce="amin")
+        del key, packed
 
     covered = zbuf != empty
     winner = torch.where(covered, zbuf & 0xFFFFFFFF, -1)
