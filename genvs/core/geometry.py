@@ -509,6 +509,9 @@ def rasterize_depth_mesh(
     # every triangle keeps its place (triangle t = scene t // F, face t % F); a dropped one has no candidate
     # pixels, so nothing is compacted by a data-dependent size
     T = N * Fn
+    if T == 0:  # a mesh without triangles (a single row or column of vertices) covers nothing
+        none = torch.zeros(N, Hs, Ws, dtype=torch.bool, device=dev)
+        return MeshRaster(none.float(), none.float()[..., None].expand(N, Hs, Ws, 2), none, none, none, none, ss)
     k_p = fp.reshape(T, 3, 2)
     k_iz = 1.0 / fz.reshape(T, 3)
     k_s = src_uv[faces.reshape(T, 3)]  # [T, 3, 2]
@@ -565,9 +568,6 @@ def rasterize_depth_mesh(
     winner = torch.where(covered, zbuf & 0xFFFFFFFF, -1)
     zb = torch.where(covered, (zbuf >> 32).to(torch.int32).view(torch.float32), 0.0)
     # the winners' source coordinates, interpolated at their pixel centres as the fragments were
-    if T == 0:  # a mesh without triangles (a single row or column of vertices) covers nothing
-        none = torch.zeros(N, Hs, Ws, dtype=torch.bool, device=dev)
-        return MeshRaster(none.float(), none.float()[..., None].expand(N, Hs, Ws, 2), none, none, none, none, ss)
     wt = winner.clamp_min(0)
     pix = torch.arange(N * Hs * Ws, device=dev) % (Hs * Ws)
     _, wiz = barycentric(wt, (pix % Ws).float() + 0.5, (pix // Ws).float() + 0.5)
