@@ -40,6 +40,8 @@ def test_detector_sees_the_operations_that_wait_for_the_device():
         assert all(s.where.startswith(__file__) for s in syncs.ops), syncs.report()  # the line to fix
         assert all(" in <lambda> " in s.where for s in syncs.ops)
 
+    with pytest.raises(TypeError, match="modules, Views and tensors"):
+        HostSyncs([1.0])
     free = {
         "torch.where": lambda: torch.where(mask[:, None], x, 0.0),
         "masked_fill": lambda: x.masked_fill(~mask[:, None], 0.0),
@@ -78,7 +80,7 @@ def test_training_step_has_no_host_sync(method, monkeypatch):
     for bf16 in (False, True):
         host = model.on_before_batch_transfer(ref.views, 0)
         views = host.apply(lambda _, t: t.clone())  # the transfer: new tensors, on the "device"
-        device = [*model.parameters(), *model.buffers(), *views._tensor_fields().values()]
+        device = [model, views]
         rasterized.clear()
         with HostSyncs(device) as syncs:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -15,10 +15,10 @@ reads (``item``, ``bool``, ``int``, ``float``), data-dependent output shapes (``
 ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``),
 ``torch.equal``, and copies from the device to the CPU.
 
-What counts as a device tensor: any tensor not on the CPU. To run the check on a CPU, name the tensors
-that would live on the device (``HostSyncs(device=[*model.parameters(), *model.buffers(), *batch])``):
-they and everything computed from them count as device tensors, while host-side tensors (cameras kept on
-the host on purpose, the optimizer's step counters) do not. On a CPU it cannot see reads of tensors
+What counts as a device tensor: any tensor not on the CPU. To run the check on a CPU, name what would
+live on the device (``HostSyncs(device=[model, views])``: a module's parameters and buffers, a `Views`'
+tensors, or tensors): they and everything computed from them count as device tensors, while host-side
+tensors (cameras kept on the host on purpose, the optimizer's step counters) do not. On a CPU it cannot see reads of tensors
 created directly on the device (``torch.arange(n, device=x.device)``) that no device tensor flowed into,
 nor ``tolist()`` / ``numpy()`` (they read memory without dispatching an operation).
 """
@@ -26,9 +26,9 @@ nor ``tolist()`` / ``numpy()`` (they read memory without dispatching an operatio
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-from typing import Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,16 +75,28 @@ class HostSyncs(TorchDispatchMode):
     """Record the host-device synchronisations of the operations run inside it (``ops``: `HostSync` list).
 
     Args:
-        device: tensors to treat as device tensors although they are on the CPU (with everything computed
-            from them), to run the check on a CPU; without it, only tensors off the CPU count.
+        device: what to treat as on the device although it is on the CPU (with everything computed from
+            it), to run the check on a CPU: modules (their parameters and buffers), `Views` (their tensors)
+            or tensors; without it, only tensors off the CPU count.
     """
 
-    def __init__(self, device: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, device: Iterable[Any] = ()) -> None:
+        from genvs.core.views import Views
+
         super().__init__()
         self.ops: list[HostSync] = []
         self._device = WeakIdKeyDictionary()
-        for t in device:
-            self._device[t] = True
+        for obj in device:
+            if isinstance(obj, torch.nn.Module):
+                tensors = [*obj.parameters(), *obj.buffers()]
+            elif isinstance(obj, Views):
+                tensors = list(obj._tensor_fields().values())
+            elif isinstance(obj, torch.Tensor):
+                tensors = [obj]
+            else:
+                raise TypeError(f"HostSyncs(device=...) takes modules, Views and tensors, got {type(obj).__name__}")
+            for t in tensors:
+                self._device[t] = True
 
     def _on_device(self, t) -> bool:
         return isinstance(t, torch.Tensor) and (t.device.type != "cpu" or t in self._device)
