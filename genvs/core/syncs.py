@@ -101,9 +101,12 @@ class HostSyncs(TorchDispatchMode):
     def _on_device(self, t) -> bool:
         return isinstance(t, torch.Tensor) and (t.device.type != "cpu" or t in self._device)
 
-    def _why(self, func, args, kwargs) -> str | None:
+    def _why(self, func, args, kwargs, from_device: bool) -> str | None:
+        """Why ``func`` waits for the device, or None; ``from_device``: some input is a device tensor."""
+        if not from_device:
+            return None
         if func in _ALWAYS:
-            return _ALWAYS[func] if any(self._on_device(t) for t in tree_flatten((args, kwargs))[0]) else None
+            return _ALWAYS[func]
         if func in _INDEX_OPS:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(self._on_device(i) and i.dtype in _BOOL for i in indices or ()):
@@ -118,11 +121,12 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        why = self._why(func, args, kwargs)
+        from_device = any(self._on_device(t) for t in tree_flatten((args, kwargs))[0])
+        why = self._why(func, args, kwargs, from_device)
         if why is not None:
             self.ops.append(HostSync(str(func), why, _caller()))
         out = func(*args, **kwargs)
-        if self._device and any(self._on_device(t) for t in tree_flatten((args, kwargs))[0]):
+        if self._device and from_device:
             # what is computed from device tensors is on the device too (in-place ops: their mutated inputs)
             touched = tree_flatten(out)[0] + (tree_flatten(args)[0] if func._schema.is_mutable else [])
             for t in touched:
