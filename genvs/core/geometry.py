@@ -375,21 +375,20 @@ def _cross2(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor) -> Tensor:
     return ax * by - ay * bx
 
 
-def _candidate_chunks(csum: Tensor, max_candidates: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """Triangle ranges ``(lo, hi)`` holding at most ~``max_candidates`` candidate pixels each, and their
-    candidate counts, from the cumulative counts ``csum [T]``.
+def _candidate_chunks(csum: Tensor, max_candidates: int) -> list[tuple[int, int, int, int]]:
+    """Triangle ranges holding at most ~``max_candidates`` candidate pixels each, from the cumulative counts
+    ``csum [T]``: ``(lo, hi, first, count)``, triangles ``lo:hi``, whose candidates are ``first:first+count``.
 
     The rasteriser's one host-device synchronisation: the number of candidate pixels is data, and it
     sizes the buffers (one copy of ``csum`` to the host per call)."""
     counts = csum.cpu()
     total = int(counts[-1]) if counts.numel() else 0
     if total == 0:
-        return [], []
+        return []
     cuts = torch.arange(max_candidates, total, max_candidates, dtype=counts.dtype) if total > max_candidates else counts[:0]
     edges = sorted({0, *torch.searchsorted(counts, cuts, right=True).tolist(), counts.numel()})
     before = [0, *counts.tolist()]
-    bounds = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if before[hi] > before[lo]]
-    return bounds, [before[hi] - before[lo] for lo, hi in bounds]
+    return [(lo, hi, before[lo], before[hi] - before[lo]) for lo, hi in zip(edges[:-1], edges[1:]) if before[hi] > before[lo]]
 
 
 def rasterize_depth_mesh(
@@ -512,29 +511,41 @@ def rasterize_depth_mesh(
     if T == 0:  # a mesh without triangles (a single row or column of vertices) covers nothing
         none = torch.zeros(N, Hs, Ws, dtype=torch.bool, device=dev)
         return MeshRaster(none.float(), none.float()[..., None].expand(N, Hs, Ws, 2), none, none, none, none, ss)
-    k_p = fp.reshape(T, 3, 2)
-    k_iz = 1.0 / fz.reshape(T, 3)
+    # Per triangle, in the frame of its bounding box (whose pixel centres are at local (x + 0.5, y + 0.5)):
+    # two barycentric weights as affine functions of the pixel, w_i = a_i x + b_i y + c_i (the local frame
+    # keeps c_i small, so they are as accurate as differences to the vertices), and the vertices' inverse
+    # depths; one float row per triangle, gathered once per candidate pixel
+    q = fp.reshape(T, 3, 2) - torch.stack([x_lo, y_lo], -1).reshape(T, 1, 2)
+    inv_a = 1.0 / area.reshape(T)
+    (x0, y0), (x1, y1), (x2, y2) = q[:, 0].unbind(-1), q[:, 1].unbind(-1), q[:, 2].unbind(-1)
+    tri_w = torch.stack(
+        [(y1 - y2) * inv_a, (x2 - x1) * inv_a, _cross2(x1, y1, x2, y2) * inv_a,  # w0: opposite vertex 0
+         (y2 - y0) * inv_a, (x0 - x2) * inv_a, _cross2(x2, y2, x0, y0) * inv_a,  # w1: opposite vertex 1
+         *(1.0 / fz.reshape(T, 3)).unbind(-1)],
+        dim=-1,
+    )  # [T, 9]
+    del q, x0, y0, x1, y1, x2, y2
     k_s = src_uv[faces.reshape(T, 3)]  # [T, 3, 2]
-    k_area = area.reshape(T)
-    k_x0 = torch.where(keep, x_lo, 0).reshape(T).long()
-    k_y0 = torch.where(keep, y_lo, 0).reshape(T).long()
-    k_wx = torch.where(keep, wx, 0).reshape(T).long()
-    n_cand = k_wx * torch.where(keep, wy, 0).reshape(T).long()  # [T] candidate pixels: the bounding box
-    k_base = torch.arange(N, device=dev).repeat_interleave(Fn) * (Hs * Ws)  # the scene's first raster pixel
+    # and the candidates: a triangle's bounding box, row-major from its first raster pixel ``origin``
+    wx_k = torch.where(keep, wx, 0).reshape(T).long()
+    n_cand = wx_k * torch.where(keep, wy, 0).reshape(T).long()  # [T] candidate pixels
+    csum = torch.cumsum(n_cand, 0)
+    origin = torch.arange(N, device=dev).repeat_interleave(Fn) * (Hs * Ws)  # the scene's first raster pixel
+    origin += (y_lo.reshape(T) * Ws + x_lo.reshape(T)).long().clamp(0, Hs * Ws - 1)
+    tri_box = torch.stack([csum - n_cand, wx_k.clamp_min(1), origin], -1)  # [T, 3]: first candidate, width, origin
+    eps = -1e-5  # inside tolerance of the weights
 
-    def barycentric(tri: Tensor, px: Tensor, py: Tensor) -> tuple[Tensor, Tensor]:
-        """Of pixel centres ``(px, py)`` in triangles ``tri``: inside (with a small tolerance) and the
-        perspective-correct interpolation weights divided by z (``[M, 3]``)."""
-        q = k_p[tri]  # [M, 3, 2]
-        dx, dy = q[..., 0] - px[:, None], q[..., 1] - py[:, None]  # vertex - pixel
-        del q  # (the chunk's temporaries are its memory: each is freed as soon as it is used)
-        inv_a = 1.0 / k_area[tri]
-        w0 = _cross2(dx[:, 1], dy[:, 1], dx[:, 2], dy[:, 2]) * inv_a
-        w1 = _cross2(dx[:, 2], dy[:, 2], dx[:, 0], dy[:, 0]) * inv_a
-        w2 = 1.0 - w0 - w1
-        eps = -1e-5
-        inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
-        return inside, torch.stack([w0, w1, w2], -1) * k_iz[tri]
+    def weights(tri: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Of local pixel coordinates ``(x, y)`` in triangles ``tri``: inside, the barycentric weights
+        ``[M, 3]`` and the vertices' inverse depths ``[M, 3]``."""
+        c = tri_w.index_select(0, tri)  # [M, 9]
+        fx, fy = x.float() + 0.5, y.float() + 0.5
+        w0 = c[:, 0] * fx + c[:, 1] * fy + c[:, 2]
+        w1 = c[:, 3] * fx + c[:, 4] * fy + c[:, 5]
+        del fx, fy  # (the chunk's temporaries are its memory: each is freed as soon as it is used)
+        w = torch.stack([w0, w1, 1.0 - w0 - w1], -1)
+        del w0, w1
+        return (w >= eps).all(-1), w, c[:, 6:]
 
     # z-buffer of (depth, triangle) pairs packed into one int64: a positive float32's bits order like the
     # float, so the minimum over a pixel's fragments is its nearest fragment (ties: the lower triangle
@@ -542,22 +553,18 @@ def rasterize_depth_mesh(
     empty = torch.iinfo(torch.int64).max
     zbuf = torch.full((N * Hs * Ws,), empty, dtype=torch.int64, device=dev)
     # chunk the triangles so that at most ~max_candidates candidate pixels exist at once
-    bounds, sizes = _candidate_chunks(torch.cumsum(n_cand, 0), max_candidates)
-    for (lo, hi), M in zip(bounds, sizes):
-        cnt = n_cand[lo:hi]
-        tri = torch.repeat_interleave(torch.arange(lo, hi, device=dev), cnt, output_size=M)  # [M]
-        local = torch.arange(M, device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt, output_size=M)
-        wxt = k_wx[tri]
-        y = local // wxt  # candidate pixel (integer raster coordinates) within the bounding box ...
-        x = local - y * wxt
-        del local, wxt
-        x += k_x0[tri]  # ... and in the raster
-        y += k_y0[tri]
-        key = k_base[tri] + y * Ws + x
-        inside, wiz = barycentric(tri, x.float() + 0.5, y.float() + 0.5)
+    for lo, hi, first, M in _candidate_chunks(csum, max_candidates):
+        tri = torch.repeat_interleave(torch.arange(lo, hi, device=dev), n_cand[lo:hi], output_size=M)  # [M]
+        start, width, key = tri_box.index_select(0, tri).unbind(-1)
+        local = torch.arange(first, first + M, device=dev) - start  # candidate pixel within its box ...
+        y = local // width
+        x = local - y * width
+        del local, start
+        key = key + y * Ws + x  # ... and in the raster
+        inside, w, iz = weights(tri, x, y)
         del x, y
-        z = wiz.sum(-1).reciprocal_()
-        del wiz
+        z = torch.linalg.vecdot(w, iz).reciprocal_()  # perspective-correct depth
+        del w, iz
         packed = (z.view(torch.int32).long() << 32).bitwise_or_(tri)
         packed.masked_fill_(~(inside & (z > 0)), empty)  # candidates outside their triangle never win
         del z, inside, tri
@@ -569,11 +576,12 @@ def rasterize_depth_mesh(
     zb = torch.where(covered, (zbuf >> 32).to(torch.int32).view(torch.float32), 0.0)
     # the winners' source coordinates, interpolated at their pixel centres as the fragments were
     wt = winner.clamp_min(0)
-    pix = torch.arange(N * Hs * Ws, device=dev) % (Hs * Ws)
-    _, wiz = barycentric(wt, (pix % Ws).float() + 0.5, (pix // Ws).float() + 0.5)
+    rel = torch.arange(N * Hs * Ws, device=dev) - tri_box[:, 2].index_select(0, wt)  # inside the winner's box
+    _, w, iz = weights(wt, rel % Ws, rel // Ws)
+    wiz = w * iz
     s = torch.einsum("mk,mkc->mc", wiz, k_s[wt]) * (1.0 / wiz.sum(-1))[:, None]
     win_s = torch.where(covered[:, None], s, 0.0)
-    front = covered & (k_area[wt] > 0)
+    front = covered & (area.reshape(T)[wt] > 0)
     edge_w = covered & edge.reshape(T)[wt]
     ero_w = covered & eroded.reshape(T)[wt]
     shp = (N, Hs, Ws)
