@@ -241,7 +241,7 @@ def _to_fake(obj, fake):
 
 
 def trace_config(
-    path: str, name: str, bf16: bool, overrides: dict | None, steps: int = 2, real: bool = False
+    path: str, name: str, bf16: bool, overrides: dict | None, steps: int = 2, real: bool = False, device: str = "cpu"
 ) -> dict:
     """Peak live tensor memory of whole training steps of a config's model on one device, on fake tensors.
 
@@ -255,6 +255,8 @@ def trace_config(
 
     ``real``: run the same steps on real tensors (computing everything; toy configs) instead, with the
     value-reading steps inline: the check of the fake trace and of what it does around those steps.
+    ``device``: where the real run computes; on a GPU the caching allocator's peak of each step
+    (``torch.cuda.max_memory_allocated``) is recorded too (``cuda_peak_bytes``), what a training run there needs.
     """
     import lpips as lp
     import torch
@@ -287,6 +289,12 @@ def trace_config(
             vgg = lp.LPIPS(net=model.lpips_net, pretrained=False, pnet_rand=True, verbose=False).requires_grad_(False)
             model.__dict__["_lpips_module"] = vgg
     views = example_batch(model, config["data"])
+    on_cuda = real and torch.device(device).type == "cuda"
+    if real and device != "cpu":
+        model.to(device)
+        if vgg is not None:
+            vgg.to(device)
+        views = views.to(device)
     # Steps whose output shapes depend on values run on real tensors before the trace, their results enter it
     # as fake tensors: MVDiffusion's correspondences (overlap tests), held for the whole step (rings: cached
     # for the run); the warping method's forward-backward warp (its mesh keeps the triangles that do not
@@ -326,12 +334,15 @@ def trace_config(
             opt = getattr(torch.optim, optim.get("name", "Adam"))(
                 trained, lr=optim.get("lr", 1e-4), **({"betas": tuple(optim["betas"])} if "betas" in optim else {})
             )
-            peaks = []
+            peaks, cuda_peaks = [], []
             for _ in range(steps):
                 mem.peak = mem.live
                 warp_calls.clear()
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
                 for _ in range(micro):
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                         loss = model.training_loss(views)["loss"] / micro
                     loss.backward()
                     del loss
@@ -342,6 +353,9 @@ def trace_config(
                 if ema is not None:
                     ema.update(model.denoiser)
                 peaks.append(max([mem.peak] + [live + warp_peak for live in warp_calls]))
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                    cuda_peaks.append(torch.cuda.max_memory_allocated(device))
             adam = sum(t.untyped_storage().nbytes() for st in opt.state.values() for t in st.values()
                        if isinstance(t, torch.Tensor) and t.dim() > 0)
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
@@ -352,6 +366,7 @@ def trace_config(
         trained_params=sum(p.numel() for p in trained), weights_gib=gib(weights), ema_gib=gib(ema_bytes),
         adam_gib=gib(adam), frozen_lpips_gib=gib(frozen), warp_gib=gib(warp_peak if warp_calls else 0), peak_gib=gib(max(peaks)), peak_bytes=max(peaks), first_step_peak_gib=gib(peaks[0]),
         trace_seconds=round(time.perf_counter() - t0, 1),
+        **({"device": device, "cuda_peak_bytes": max(cuda_peaks)} if on_cuda else {}),
     )
 
 
@@ -362,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     ap.add_argument("--real", action="store_true",
                     help="also run every step on real tensors (toy configs: it computes everything) and record the "
                          "fake trace's peak over the real count")  # fmt: skip
+    ap.add_argument("--device", default="cpu",
+                    help="where --real computes: cpu, or cuda to check the fake trace against the GPU allocator's peak "
+                         "(torch.cuda.max_memory_allocated; write it elsewhere with --out)")  # fmt: skip
     args = ap.parse_args(argv)
     import yaml
 
@@ -378,11 +396,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         rows = []
         for name, bf16, overrides in variants(yaml.safe_load(Path(path).read_text())):
             r = trace_config(path, name, bf16, overrides)
+            check = ""
             if args.real:
-                r["real_peak_bytes"] = trace_config(path, name, bf16, overrides, real=True)["peak_bytes"]
+                rr = trace_config(path, name, bf16, overrides, real=True, device=args.device)
+                r["real_device"], r["real_peak_bytes"] = args.device, rr["peak_bytes"]
                 r["fake_over_real"] = round(r["peak_bytes"] / r["real_peak_bytes"], 4)
+                check = f" (fake / real {r['fake_over_real']:.4f}"
+                if "cuda_peak_bytes" in rr:
+                    r["cuda_peak_bytes"] = rr["cuda_peak_bytes"]
+                    r["fake_over_cuda"] = round(r["peak_bytes"] / rr["cuda_peak_bytes"], 4)
+                    check += f", fake / CUDA allocator {r['fake_over_cuda']:.4f}"
+                check += ")"
             rows.append(r)
-            check = f" (fake / real {r['fake_over_real']:.4f})" if args.real else ""
             print(f"| {path} | {name} | {r['peak_gib']:.2f}{check} | {r['weights_gib']:.2f} / {r['ema_gib']:.2f} / "
                   f"{r['adam_gib']:.2f} |", flush=True)
         key = Path(path).as_posix()

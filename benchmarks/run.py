@@ -724,11 +724,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the results file's other (method, variant) runs, replacing only those measured now")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="only regenerate benchmarks/README.md's table from results/ (after copying in a results file)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "VARIANT"),
                     help="measure one (method, variant) in this process and print it as `RESULT {json}`")
     args = ap.parse_args(argv)
     import torch
 
+    if args.readme_only:
+        write_readme()
+        print("wrote benchmarks/README.md")
+        return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.one:
         method, variant = args.one

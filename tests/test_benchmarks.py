@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -418,3 +419,20 @@ def test_a6o_reference_names_the_missing_port(tmp_path):
     """a6o_reference.py needs a clone of the port; without one it says where to get it."""
     with pytest.raises(SystemExit, match="no xunet.py there; clone https://github.com/a6o/3d-diffusion-pytorch"):
         _load("a6o_reference").main(["--a6o", str(tmp_path)])
+
+
+def test_gpu_wheels_cover_the_dependencies_the_gpu_image_lacks():
+    """benchmarks/gpu_wheels.sh downloads, for the lent GPU machines, every dependency of pyproject.toml that
+    their image does not have (a new dependency must be added to one of its two lists)."""
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    script = Path("benchmarks/gpu_wheels.sh").read_text()
+    names = {k: set(re.search(rf"^{k}=\(([^)]*)\)", script, re.M).group(1).split()) for k in ("IMAGE_HAS", "PKGS")}
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    deps = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
+    required = {norm(re.match(r"[A-Za-z0-9_.-]+", d).group(0)) for d in deps}
+    covered = {norm(n) for n in names["IMAGE_HAS"] | names["PKGS"]}
+    assert required <= covered, required - covered
+    assert not {norm(n) for n in names["IMAGE_HAS"]} & {norm(n) for n in names["PKGS"]}
+    subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], check=True)
