@@ -747,6 +747,32 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     peaks = {dt: matmul_peak(dt, device, seconds=args.peak_seconds) for dt in ("fp32", "bf16")}
     print(f"matmul peak GFLOP/s: {peaks}", flush=True)
+    out = Path(args.out) if args.out else default_results_file(info, args.tiny)
+    old = json.loads(out.read_text()) if args.merge and out.exists() else None
+    this = {"started": session, "machine": info, "matmul_peak_gflops": peaks, "methods": args.methods,
+            "variants": args.variants, "repeats": args.repeats}
+
+    def save(runs: list[dict]) -> dict:
+        """Write the results file with the runs so far (after every subprocess: a run stopped from outside
+        keeps what it measured)."""
+        this["wall_time_s"] = round(time.time() - started, 1)
+        data = {"machine": info, "device": device, "repeats": args.repeats, "tiny": args.tiny, "runs": list(runs),
+                "sessions": [this]}
+        if old is not None:
+            done = {(r["method"], r["variant"]) for r in runs}
+            data["runs"] = [r for r in old.get("runs", []) if (r["method"], r["variant"]) not in done] + data["runs"]
+            data["sessions"] = old.get("sessions", []) + [this]
+            data["repeats"] = max(args.repeats, old.get("repeats", 0))
+        order = {m: i for i, m in enumerate(REFERENCES)}
+        data["runs"].sort(key=lambda r: (order.get(r["method"], 99), list(VARIANTS).index(r["variant"])))
+        data["date"] = time.strftime("%Y-%m-%d")
+        finalize(data)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(out)
+        return data
+
     runs = []
     for method in args.methods:
         for variant in args.variants:
@@ -759,24 +785,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"{method}/{variant}: train {r['train_step_s']:.3f} s/step, sampling {r['eval_step_s']:.3f} s/step",
                       flush=True)
-    peaks_end = matmul_peak("fp32", device, seconds=args.peak_seconds)
-    out = Path(args.out) if args.out else default_results_file(info, args.tiny)
-    this = {"started": session, "machine": info, "matmul_peak_gflops": peaks, "matmul_fp32_peak_gflops_end": peaks_end,
-            "methods": args.methods, "variants": args.variants, "repeats": args.repeats,
-            "wall_time_s": round(time.time() - started, 1)}
-    data = {"machine": info, "device": device, "repeats": args.repeats, "tiny": args.tiny, "runs": runs, "sessions": [this]}
-    if args.merge and out.exists():
-        old = json.loads(out.read_text())
-        done = {(r["method"], r["variant"]) for r in runs}
-        data["runs"] = [r for r in old.get("runs", []) if (r["method"], r["variant"]) not in done] + runs
-        data["sessions"] = old.get("sessions", []) + [this]
-        data["repeats"] = max(args.repeats, old.get("repeats", 0))
-    order = {m: i for i, m in enumerate(REFERENCES)}
-    data["runs"].sort(key=lambda r: (order.get(r["method"], 99), list(VARIANTS).index(r["variant"])))
-    data["date"] = time.strftime("%Y-%m-%d")
-    finalize(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+            save(runs)
+    this["matmul_fp32_peak_gflops_end"] = matmul_peak("fp32", device, seconds=args.peak_seconds)
+    data = save(runs)
     print(results_table(data))
     if not args.no_readme and not args.tiny:
         write_readme()

@@ -73,7 +73,11 @@ def test_parent_ratios_mfu_merge_and_tables(bench, tmp_path, monkeypatch):
 
     def in_process(method, variant, device, repeats, tiny, timeout, peak_seconds):  # the subprocess, in process
         calls.append((method, variant, tiny))
+        if out.exists():  # what a run stopped here would leave
+            saved.append([r["variant"] for r in json.loads(out.read_text())["runs"]])
         return bench.run_variant(method, variant, device, repeats, tiny, peak_seconds)
+
+    saved = []
 
     monkeypatch.setattr(bench, "run_child", in_process)
     out = tmp_path / "res.json"
@@ -81,6 +85,7 @@ def test_parent_ratios_mfu_merge_and_tables(bench, tmp_path, monkeypatch):
     bench.main(["--methods", "threedim", "--variants", "fp32", "fp32_cl", *common])
     bench.main(["--methods", "threedim", "--variants", "fp32_cl", "--merge", *common])
     assert calls == [("threedim", "fp32", True), ("threedim", "fp32_cl", True), ("threedim", "fp32_cl", True)]
+    assert saved == [["fp32"], ["fp32", "fp32_cl"]]  # the file is written after every subprocess
     data = json.loads(out.read_text())
     assert len(data["sessions"]) == 2 and [r["variant"] for r in data["runs"]] == ["fp32", "fp32_cl"]
     base, cl = data["runs"]
