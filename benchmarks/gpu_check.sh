@@ -4,13 +4,13 @@
 # Here, once:   bash benchmarks/gpu_wheels.sh            (the dependencies the machine's image lacks, into .whl/)
 # There, two calls on the warm machine (each well inside one call's 10 minutes, so either can be rerun):
 #               run(command="bash benchmarks/gpu_check.sh run", carry=[".whl"], timeout_s=480)    # ~6 min
-#               run(command="bash benchmarks/gpu_check.sh extra", carry=[".whl"], timeout_s=330)  # ~4 min
+#               run(command="bash benchmarks/gpu_check.sh extra", carry=[".whl"], timeout_s=330)  # ~4.5 min
 # Back here:    cp <files_at>/cuda-*.json benchmarks/results/ && python benchmarks/run.py --readme-only
 #               and compare <files_at>/memory_cuda.json's fake_over_cuda with memory.py's CPU check.
 #
 # 1. run.py: every method at its reference config in fp32, fp32 channels_last and bf16 autocast +
 #    channels_last (training and sampling throughput, MFU against the GPU's matmul peak,
-#    torch.cuda.max_memory_allocated) (stage `run`); then torch.compile for 3DiM and DFM and
+#    torch.cuda.max_memory_allocated) (stage `run`); then torch.compile of 3DiM's X-UNet and
 # 2. memory.py --real --device cuda: the fake-tensor trace of whole training steps against the CUDA caching
 #    allocator's peak on the toy configs (paper-scale figures rest on that trace) (stage `extra`).
 # Steps are time-boxed and independent: one that fails or runs out of time leaves the others' files.
@@ -51,12 +51,12 @@ if [ "$stage" = all ] || [ "$stage" = run ]; then
 fi
 if [ "$stage" = all ] || [ "$stage" = extra ]; then
     echo "== 2. run.py (${DEVICE}): torch.compile"
-    timeout 120 python3 benchmarks/run.py --device "$DEVICE" --methods threedim dfm --variants fp32_cl_compile --merge \
-        --repeats 5 --timeout 55 --out "$results" --no-readme "${tiny[@]}" 2>&1 | tee -a "$WORK/run.log"
+    timeout 115 python3 benchmarks/run.py --device "$DEVICE" --methods threedim --variants fp32_cl_compile --merge \
+        --repeats 5 --timeout 100 --out "$results" --no-readme "${tiny[@]}" 2>&1 | tee -a "$WORK/run.log"
     echo "== 3. memory.py --real --device ${DEVICE}"
     configs=(configs/3dim_toy.yaml configs/dfm_toy.yaml configs/warping_toy.yaml)
     [ "${TINY:-0}" = 1 ] && configs=(configs/dfm_toy.yaml)
-    timeout 120 python3 benchmarks/memory.py --real --device "$DEVICE" "${configs[@]/#/--config=}" \
+    timeout 150 python3 benchmarks/memory.py --real --device "$DEVICE" "${configs[@]/#/--config=}" \
         --out "$WORK/memory_cuda.json" 2>&1 | tee "$WORK/memory.log"
 fi
 ls -l "$WORK"
