@@ -388,6 +388,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     for path in args.config:
         if not Path(path).is_file():
             ap.error(f"--config {path}: no such file")
+    if args.device != "cpu":
+        import torch
+
+        if not args.real:
+            ap.error(f"--device {args.device} is where --real computes: add --real (the fake trace needs no device)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
     done = {}

@@ -441,3 +441,12 @@ def test_gpu_wheels_cover_the_dependencies_the_gpu_image_lacks():
     assert required <= covered, required - covered
     assert not {norm(n) for n in names["IMAGE_HAS"]} & {norm(n) for n in names["PKGS"]}
     subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], check=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_memory_device_needs_real_and_an_available_device(capsys):
+    memory = _load("memory")
+    for extra, said in ((["--device", "cuda"], "add --real"), (["--device", "cuda", "--real"], "no CUDA device here")):
+        with pytest.raises(SystemExit):
+            memory.main(["--config", "configs/dfm_toy.yaml", *extra])
+        assert said in capsys.readouterr().err
