@@ -314,6 +314,30 @@ def _data_command(argv: list[str]) -> int:
     return 0
 
 
+def _toy_sd_command(argv: list[str]) -> int:
+    """``genvs toy-sd``: pretrain a tiny Stable Diffusion on the procedural rooms (MVDiffusion's toy base)."""
+    from jsonargparse import ArgumentParser
+
+    from genvs.data.toy import RoomConfig
+    from genvs.methods.mvdiffusion.toy_sd import ToySDConfig, pretrain_toy_sd
+
+    parser = ArgumentParser(
+        prog="genvs toy-sd",
+        description="Pretrain a tiny Stable Diffusion (autoencoder, then UNet + text encoder) on the procedural "
+        "rooms and write it as a diffusers folder, a working frozen base for MVDiffusion's toy configs.",
+    )
+    parser.add_argument("--out", default="data/toy_sd_base", help="output folder (replaced atomically)")
+    parser.add_argument("--rooms_root", default="data/toy_rooms", help="the rooms (rendered there if missing)")
+    parser.add_class_arguments(RoomConfig, "rooms")
+    parser.add_class_arguments(ToySDConfig, "sd")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    # the rooms of configs/mvdiffusion_toy.yaml, so that both use the same rendering (other settings re-render)
+    parser.set_defaults({"rooms.num_rooms": {"train": 100, "val": 2, "test": 4}})
+    cfg = parser.instantiate(parser.parse_args(argv))
+    pretrain_toy_sd(cfg.out, cfg.rooms_root, cfg.rooms, cfg.sd, cfg.device)
+    return 0
+
+
 def _table_command(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
@@ -346,7 +370,12 @@ def _methods_command(argv: list[str]) -> int:
     return 0
 
 
-EXTRA_COMMANDS = {"data": _data_command, "methods": _methods_command, "table": _table_command}
+EXTRA_COMMANDS = {
+    "data": _data_command,
+    "methods": _methods_command,
+    "table": _table_command,
+    "toy-sd": _toy_sd_command,
+}
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -201,7 +201,8 @@ class MVDiffusion(BaseNVSModel):
             if not build_if_missing:
                 raise StableDiffusionError(
                     f"Stable Diffusion folder {path!r} (model.sd_path) does not exist; task {task!r} needs "
-                    f"{SD_MODEL[task]}. {SD_WEIGHTS_HELP}"
+                    f"{SD_MODEL[task]}. {SD_WEIGHTS_HELP} For the procedural rooms, a toy SD trained on them "
+                    f"can stand in: `genvs toy-sd --out {path} --sd.kind {kind}`."
                 )
             print(
                 f"genvs: WARNING: {path!r} does not exist and model.build_tiny_sd_if_missing is set: writing a tiny "

@@ -39,6 +39,10 @@ __all__ = [
     "encode_images",
     "decode_latents",
     "build_tiny_sd",
+    "tiny_unet",
+    "tiny_vae",
+    "tiny_text_encoder",
+    "sd_ddim_scheduler",
 ]
 
 SD_WEIGHTS_HELP = (
@@ -314,8 +318,25 @@ def _clip_byte_chars() -> list[str]:
     return [chr(codes[b]) for b in range(256)]
 
 
-def _write_tiny_tokenizer(folder: Path) -> int:
-    """A byte-level CLIP tokenizer with no merges (every character is a token). Returns the vocab size."""
+def _word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges that join each word into one token, left to right (CLIP marks a word's last character
+    with ``</w>``): ``red`` -> ``r e``, ``re d</w>``. Longer words first, so that the merges of a short word
+    rarely break a longer one; a word whose merges do break stays a few tokens (still correct)."""
+    merges: dict[tuple[str, str], None] = {}
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        if len(word) < 2:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merges[(left, right)] = None
+            left = left + right
+    return list(merges)
+
+
+def _write_tiny_tokenizer(folder: Path, words: Sequence[str] = ()) -> int:
+    """A byte-level CLIP tokenizer: every character is a token, and each of ``words`` (lower-case, no
+    spaces) is one token too (`_word_merges`). Returns the vocab size."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = _clip_byte_chars()
     vocab: dict[str, int] = {}
@@ -323,10 +344,13 @@ def _write_tiny_tokenizer(folder: Path) -> int:
         vocab[c] = len(vocab)
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
+    merges = _word_merges(words)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "model_max_length": 77,
         "tokenizer_class": "CLIPTokenizer",
@@ -339,6 +363,89 @@ def _write_tiny_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+def tiny_unet(
+    kind: Literal["base", "inpainting", "depth"] = "base",
+    cross_attention_dim: int = 32,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+) -> nn.Module:
+    """A tiny SD-2-style UNet (random weights): 3 blocks (latent 8x8 -> features at 8, 4, 2), linear
+    projections, cross-attention of width ``cross_attention_dim``; ``kind`` sets its input channels."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels={"base": 4, "inpainting": 9, "depth": 5}[kind],
+        out_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae(block_out_channels: Sequence[int] = (8, 8, 16, 16), sample_size: int = 64) -> nn.Module:
+    """A tiny AutoencoderKL (random weights) with 4 blocks, so one latent pixel is 8x8 pixels as in SD."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=tuple(block_out_channels),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=sample_size,
+    )
+
+
+def tiny_text_encoder(vocab_size: int, cross_attention_dim: int = 32, num_layers: int = 2) -> nn.Module:
+    """A tiny CLIP text encoder (random weights) whose hidden states have width ``cross_attention_dim``;
+    ``vocab_size`` from `_write_tiny_tokenizer` (start and end tokens are its last two ids)."""
+    transformers = _require_transformers()
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cross_attention_dim,
+        intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=cross_attention_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return transformers.CLIPTextModel(cfg)
+
+
+def sd_ddim_scheduler():
+    """SD-2-base's scheduler: scaled-linear betas 0.00085..0.012 over 1000 steps, eps, DDIM "leading"."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_tiny_sd(
     path: str | Path,
     kind: Literal["base", "inpainting", "depth"] = "base",
@@ -348,73 +455,20 @@ def build_tiny_sd(
 ) -> Path:
     """Write a tiny random-weight Stable Diffusion folder (diffusers layout) to ``path`` for tests.
 
-    UNet: 3 blocks (32, 64, 64 channels; latent 8x8 -> features at 8, 4, 2), SD-2-style linear projections
-    and cross-attention of width ``cross_attention_dim``; ``kind`` sets its input channels (4 / 9 / 5).
-    VAE: 4 blocks, so one latent pixel is 8x8 pixels as in SD. Text encoder + tokenizer (a byte-level CLIP
-    tokenizer, 77 tokens as CLIP) only when `transformers` is installed (``"auto"``) or forced.
+    `tiny_unet` (``kind`` sets its input channels: 4 / 9 / 5), `tiny_vae` (8 pixels per latent pixel as
+    in SD), SD-2's scheduler, and a `tiny_text_encoder` with a byte-level CLIP tokenizer (77 tokens as
+    CLIP) only when `transformers` is installed (``"auto"``) or forced. For a tiny SD that has learned
+    something (the procedural rooms), see `genvs.methods.mvdiffusion.toy_sd`.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    in_channels = {"base": 4, "inpainting": 9, "depth": 5}[kind]
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        norm_num_groups=32,
-    )
-    unet.save_pretrained(str(root / "unet"))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    )
-    vae.save_pretrained(str(root / "vae"))
-    DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    ).save_pretrained(str(root / "scheduler"))
+    tiny_unet(kind, cross_attention_dim).save_pretrained(str(root / "unet"))
+    tiny_vae().save_pretrained(str(root / "vae"))
+    sd_ddim_scheduler().save_pretrained(str(root / "scheduler"))
     if text_encoder == "auto":
-        try:
-            import transformers  # noqa: F401
-
-            text_encoder = True
-        except ImportError:
-            text_encoder = False
+        text_encoder = _has_transformers()
     if text_encoder:
-        transformers = _require_transformers()
         vocab_size = _write_tiny_tokenizer(root / "tokenizer")
-        cfg = transformers.CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=cross_attention_dim,
-            intermediate_size=2 * cross_attention_dim,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=cross_attention_dim,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-        transformers.CLIPTextModel(cfg).save_pretrained(str(root / "text_encoder"))
+        tiny_text_encoder(vocab_size, cross_attention_dim).save_pretrained(str(root / "text_encoder"))
     return root

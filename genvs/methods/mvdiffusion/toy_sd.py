@@ -1,0 +1,350 @@
+"""A toy stand-in for Stable Diffusion's pretraining, so that MVDiffusion has a base model that has learned
+something on a CPU.
+
+MVDiffusion freezes a pretrained Stable Diffusion and trains only its correspondence-aware attention. Real SD
+weights cannot be downloaded or trained here, and on a *random* tiny SD (`build_tiny_sd`) the adapter has
+nothing to steer: samples stay noise. `pretrain_toy_sd` trains the tiny SD architecture (`tiny_vae`,
+`tiny_unet`, `tiny_text_encoder`) on single views of the procedural rooms, in SD's two stages (Rombach et
+al. 2022), and writes it in the diffusers layout that `load_stable_diffusion` reads:
+
+1. **Autoencoder** (AutoencoderKL, 8 pixels per latent pixel): L1 reconstruction plus SD's KL weight of
+   1e-6, both summed per image as in the LDM code. SD's LPIPS and patch-GAN terms are left out (they need
+   pretrained VGG weights and a discriminator; the rooms are flat-shaded). Then the latent scaling factor
+   is set to 1 / std of the training latents, which is how LDM chose SD's 0.18215.
+2. **Denoiser** (UNet2DConditionModel) on the frozen autoencoder's latents: eps-prediction on SD-2-base's
+   scaled-linear schedule, 10% of prompts replaced by ``""`` (for classifier-free guidance), EMA weights
+   saved. SD freezes a pretrained CLIP; there is none here, so the tiny CLIP text encoder trains jointly
+   with the UNet, as LDM's text-to-image model trained its transformer. The tokenizer makes each word of
+   the rooms' prompts one token (a character-level one would cut their ~100 characters at CLIP's 77).
+
+``kind`` picks the UNet of each MVDiffusion task: ``base`` (4 input channels, text-conditioned panoramas),
+``inpainting`` (9: + mask + masked-image latents; a quarter of the examples fully masked, the others a random
+box, as SD-inpainting's synthetic masks) and ``depth`` (5: + normalised inverse depth, `depth_channel`).
+
+    genvs toy-sd --out data/toy_sd_base                          # ~20 min on 2 CPU cores
+    genvs fit --config configs/mvdiffusion_toy.yaml --config configs/mvdiffusion_toy_sd.yaml
+
+The folder is replaced atomically and holds ``toy_sd.json``: the settings, the measured losses and the
+held-out reconstruction PSNR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from genvs.core.diffusion import EMA, q_sample
+from genvs.data.panorama import RingScenes
+from genvs.data.toy import RoomConfig, ensure_toy_rooms
+from genvs.methods.mvdiffusion.network import depth_channel, sd_schedule
+from genvs.methods.mvdiffusion.sd import (
+    _write_tiny_tokenizer,
+    sd_ddim_scheduler,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+)
+
+__all__ = ["ToySDConfig", "pretrain_toy_sd", "TOY_SD_FILE"]
+
+TOY_SD_FILE = "toy_sd.json"
+Kind = Literal["base", "inpainting", "depth"]
+
+
+@dataclasses.dataclass
+class ToySDConfig:
+    """Settings of `pretrain_toy_sd`.
+
+    Args:
+        kind: which SD UNet to train: ``base`` | ``inpainting`` | ``depth``.
+        vae_steps / vae_batch_size / vae_lr: the autoencoder stage (AdamW, cosine decay to 10%).
+        kl_weight: weight of the KL term against the summed L1 (SD: 1e-6).
+        vae_channels: the autoencoder's block widths (4 blocks: 8 pixels per latent pixel).
+        unet_steps / unet_batch_size / unet_lr: the denoiser stage (AdamW, cosine decay to 10%).
+        unet_channels: the UNet's block widths (3 blocks); cross_attention_dim: its text width.
+        prompt_dropout: fraction of prompts replaced by ``""`` (classifier-free guidance).
+        ema_decay: EMA of the UNet and text encoder, saved instead of the raw weights.
+        seed: seeds the weights, batches and noise.
+        precision: ``bf16-mixed`` (autocast, channels_last) or ``32-true``; ``auto``: bf16 on a GPU or
+            a CPU with bf16 matmul instructions.
+        log_every: record the mean training loss every this many steps (in toy_sd.json).
+    """
+
+    kind: Kind = "base"
+    vae_steps: int = 2000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    unet_steps: int = 4000
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    cross_attention_dim: int = 32
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"
+    log_every: int = 100
+
+    def __post_init__(self):
+        if self.kind not in ("base", "inpainting", "depth"):
+            raise ValueError(f"kind={self.kind!r}: use 'base', 'inpainting' or 'depth'")
+        if len(self.vae_channels) != 4:
+            raise ValueError(f"vae_channels={self.vae_channels}: give 4 widths (8 pixels per latent pixel, as SD)")
+        if len(self.unet_channels) != 3:
+            raise ValueError(f"unet_channels={self.unet_channels}: give 3 widths")
+        if min(self.vae_steps, self.unet_steps) < 0 or min(self.vae_batch_size, self.unet_batch_size) < 1:
+            raise ValueError("steps must be >= 0 and batch sizes >= 1")
+
+
+@dataclasses.dataclass
+class _Views:
+    """Every view of a split in memory: images in [-1, 1], prompts, z-depth (or None)."""
+
+    images: Tensor  # [N, 3, H, W]
+    prompts: list[str]
+    depth: Tensor | None  # [N, 1, H, W]
+
+
+def _load_views(root: Path, split: str, load_depth: bool) -> _Views:
+    rings = RingScenes(root, split)
+    images, prompts, depth = [], [], []
+    for i, rec in enumerate(rings.scenes):
+        data = rings.load(i, list(range(rec.num_views)), load_depth=load_depth)
+        images.append(data["images"])
+        prompts += data["prompts"]
+        if load_depth:
+            depth.append(data["depth"])
+    return _Views(torch.cat(images), prompts, torch.cat(depth) if load_depth else None)
+
+
+def _cosine_lr(step: int, total: int) -> float:
+    """Linear warm-up over 100 steps (a tenth of short runs), then cosine decay to 10%."""
+    warmup = min(100, max(1, total // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _flip(x: Tensor, flip: Tensor) -> Tensor:
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class _Stage:
+    """Shared training plumbing of one stage: optimiser, schedule, autocast, loss log."""
+
+    def __init__(self, name: str, params, lr: float, steps: int, device: torch.device, bf16: bool, log_every: int):
+        self.name, self.steps, self.log_every = name, steps, log_every
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _cosine_lr(s, steps))
+        self.device, self.bf16 = device, bf16
+        self.losses: list[float] = []
+        self._window: list[Tensor] = []
+        self.start = time.perf_counter()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else nullcontext()
+
+    def step(self, i: int, loss: Tensor, progress: bool) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self._window.append(loss.detach())
+        if (i + 1) % self.log_every == 0 or i + 1 == self.steps:
+            self.losses.append(round(float(torch.stack(self._window).mean()), 5))
+            self._window.clear()
+            if progress:
+                took = time.perf_counter() - self.start
+                print(f"genvs toy-sd: {self.name} step {i + 1}/{self.steps} loss {self.losses[-1]:.4f} ({took:.0f} s)",
+                      flush=True)  # fmt: skip
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+def _vae_loss(vae, x: Tensor, kl_weight: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """LDM's autoencoder loss without LPIPS / GAN, per pixel: (L1 summed + kl_weight * KL summed) / pixels
+    (the LDM code sums both per image; dividing by the pixel count only rescales the learning rate)."""
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator, device=x.device).to(post.mean.dtype)
+    rec = vae.decode(z).sample.float()
+    l1 = (rec - x).abs().mean()
+    kl = post.kl().float().mean() / x[0].numel()
+    return l1 + kl_weight * kl, rec
+
+
+def _psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over images."""
+    mse = ((a.clamp(-1, 1) - b) ** 2).flatten(1).mean(1)
+    return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+
+
+def _extra_channels(
+    kind: Kind, vae, images: Tensor, depth: Tensor | None, latent_hw: tuple[int, int], generator: torch.Generator
+) -> Tensor | None:
+    """The SD kind's extra UNet inputs for a batch: depth ``[B, 1, h, w]`` or inpainting ``[B, 5, h, w]``
+    (mask, 1 = generate; masked-image latents), or None for ``base``."""
+    if kind == "depth":
+        return depth_channel(depth[:, None], latent_hw)[:, 0]
+    if kind != "inpainting":
+        return None
+    B, _, H, W = images.shape
+    dev = images.device
+    # SD-inpainting's synthetic masks, simplified: a random box covering 25-100% of each side, or everything
+    r = torch.rand(B, 6, generator=generator, device=dev)
+    bh, bw = (0.25 + 0.75 * r[:, 0]) * H, (0.25 + 0.75 * r[:, 1]) * W
+    y0, x0 = r[:, 2] * (H - bh), r[:, 3] * (W - bw)
+    ys = torch.arange(H, device=dev)[None, :, None] + 0.5
+    xs = torch.arange(W, device=dev)[None, None, :] + 0.5
+    box = (ys >= y0[:, None, None]) & (ys < (y0 + bh)[:, None, None]) & (xs >= x0[:, None, None]) & (xs < (x0 + bw)[:, None, None])  # fmt: skip
+    mask = (box | (r[:, 4] < 0.25)[:, None, None]).float()[:, None]  # [B, 1, H, W]
+    post = vae.encode(images * (1 - mask)).latent_dist
+    masked = post.mode() * vae.config.scaling_factor
+    return torch.cat([F.interpolate(mask, size=latent_hw, mode="nearest-exact").to(masked.dtype), masked], 1)
+
+
+def pretrain_toy_sd(
+    out: str | Path,
+    rooms_root: str | Path = "data/toy_rooms",
+    rooms: RoomConfig | None = None,
+    config: ToySDConfig | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train a tiny Stable Diffusion on the procedural rooms' training views and write it to ``out`` (see
+    the module docstring). Renders the rooms into ``rooms_root`` first if needed. Returns ``out``."""
+    from genvs.cli import cpu_has_fast_bf16
+
+    cfg = config or ToySDConfig()
+    rooms = rooms or RoomConfig()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    bf16 = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and (dev.type == "cuda" or cpu_has_fast_bf16()))
+    root = ensure_toy_rooms(rooms_root, rooms)
+    depth = cfg.kind == "depth"
+    train = _load_views(root, "train", depth)
+    val = _load_views(root, "val", depth)
+    H, W = train.images.shape[-2:]
+    if H % 8 or W % 8:
+        raise ValueError(f"rooms.resolution={H}: the autoencoder needs a multiple of 8 pixels")
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator(dev).manual_seed(cfg.seed)
+    memory = torch.channels_last if bf16 else torch.contiguous_format
+
+    # ---- stage 1: the autoencoder
+    vae = tiny_vae(cfg.vae_channels, sample_size=H).to(dev, memory_format=memory)
+    x_all = train.images.to(dev)
+    stage = _Stage("autoencoder", vae.parameters(), cfg.vae_lr, cfg.vae_steps, dev, bf16, cfg.log_every)
+    for i in range(cfg.vae_steps):
+        idx = torch.randint(0, len(x_all), (cfg.vae_batch_size,), generator=g, device=dev)
+        flip = torch.rand(cfg.vae_batch_size, generator=g, device=dev) < 0.5
+        x = _flip(x_all[idx], flip).contiguous(memory_format=memory)
+        with stage.autocast():
+            loss, _ = _vae_loss(vae, x, cfg.kl_weight, g)
+        stage.step(i, loss, progress)
+    vae.eval().requires_grad_(False)
+    vae_log = {"steps": cfg.vae_steps, "seconds": stage.seconds, "train_loss": stage.losses}
+    with torch.no_grad(), stage.autocast():
+        # LDM's rescaling: unit-variance latents (SD's 0.18215 is 1 / std of its training latents)
+        lat = torch.cat([vae.encode(x_all[i : i + 64]).latent_dist.sample(g).float() for i in range(0, len(x_all), 64)])
+        scale = float(1.0 / lat.std())
+        vae.register_to_config(scaling_factor=scale)
+        xv = val.images.to(dev)
+        rec = torch.cat([vae.decode(vae.encode(xv[i : i + 64]).latent_dist.mode()).sample.float() for i in range(0, len(xv), 64)])  # fmt: skip
+    vae_log.update(scaling_factor=round(scale, 5), val_psnr=round(_psnr(rec, xv), 3))
+    if progress:
+        print(f"genvs toy-sd: autoencoder held-out PSNR {vae_log['val_psnr']:.2f} dB, scaling factor {scale:.4f}")
+
+    # ---- stage 2: UNet + text encoder on the frozen autoencoder's latents
+    words = sorted({w for p in train.prompts for w in re.findall(r"[a-z]+", p.lower())})
+    tmp = Path(str(out) + ".genvs-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vocab_size = _write_tiny_tokenizer(tmp / "tokenizer", words)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+
+    def tokens(prompts: Sequence[str]) -> Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
+
+    unet = tiny_unet(cfg.kind, cfg.cross_attention_dim, cfg.unet_channels).to(dev, memory_format=memory)
+    text = tiny_text_encoder(vocab_size, cfg.cross_attention_dim).to(dev)
+    nets = torch.nn.ModuleDict({"unet": unet, "text": text})
+    ema = EMA(nets, cfg.ema_decay).to(dev)
+    schedule, _ = sd_schedule(sd_ddim_scheduler().config)
+    ids_all, ids_empty = tokens(train.prompts), tokens([""])
+    depth_all = train.depth.to(dev) if depth else None
+    h, w = H // 8, W // 8
+    stage = _Stage("denoiser", nets.parameters(), cfg.unet_lr, cfg.unet_steps, dev, bf16, cfg.log_every)
+
+    def unet_loss(x: Tensor, ids: Tensor, d: Tensor | None, gen: torch.Generator) -> Tensor:
+        B = x.shape[0]
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=dev)) * scale
+            extra = _extra_channels(cfg.kind, vae, x, d, (h, w), gen)
+        t = schedule.sample_t(B, device=dev, generator=gen)
+        logsnr = schedule.logsnr(t)
+        eps = torch.randn(z0.shape, generator=gen, device=dev)
+        zt = q_sample(z0.float(), logsnr, eps)
+        inp = zt if extra is None else torch.cat([zt, extra.to(zt.dtype)], 1)
+        emb = text(ids)[0]
+        pred = unet(inp.contiguous(memory_format=memory), schedule.timestep_index(t), emb).sample
+        return F.mse_loss(pred.float(), eps)
+
+    for i in range(cfg.unet_steps):
+        idx = torch.randint(0, len(x_all), (cfg.unet_batch_size,), generator=g, device=dev)
+        flip = torch.rand(cfg.unet_batch_size, generator=g, device=dev) < 0.5
+        drop = torch.rand(cfg.unet_batch_size, generator=g, device=dev) < cfg.prompt_dropout
+        ids = torch.where(drop[:, None], ids_empty, ids_all[idx])
+        d = _flip(depth_all[idx], flip) if depth else None
+        with stage.autocast():
+            loss = unet_loss(_flip(x_all[idx], flip).contiguous(memory_format=memory), ids, d, g)
+        stage.step(i, loss, progress)
+        ema.update(nets)
+    ema.copy_to(nets)
+    unet_log = {"steps": cfg.unet_steps, "seconds": stage.seconds, "train_loss": stage.losses}
+    with torch.no_grad(), stage.autocast():  # held-out loss on fixed draws (EMA weights)
+        gv = torch.Generator(dev).manual_seed(1234)
+        dv = val.depth.to(dev) if depth else None
+        unet_log["val_loss"] = round(float(unet_loss(xv, tokens(val.prompts), dv, gv)), 5)
+    if progress:
+        print(f"genvs toy-sd: denoiser held-out loss {unet_log['val_loss']:.4f}")
+
+    # ---- write the diffusers folder, then swap it in
+    vae.float().to(memory_format=torch.contiguous_format).save_pretrained(str(tmp / "vae"))
+    unet.float().to(memory_format=torch.contiguous_format).save_pretrained(str(tmp / "unet"))
+    text.float().save_pretrained(str(tmp / "text_encoder"))
+    sd_ddim_scheduler().save_pretrained(str(tmp / "scheduler"))
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "rooms": {"root": str(rooms_root), **dataclasses.asdict(rooms)},
+        "train_views": len(train.prompts),
+        "precision": "bf16-mixed" if bf16 else "32-true",
+        "device": str(dev),
+        "autoencoder": vae_log,
+        "denoiser": unet_log,
+    }
+    (tmp / TOY_SD_FILE).write_text(json.dumps(meta, indent=1))
+    final = Path(out)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if progress:
+        print(f"genvs toy-sd: wrote {final}")
+    return final

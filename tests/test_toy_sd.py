@@ -1,0 +1,110 @@
+"""The toy Stable Diffusion pretraining (genvs.methods.mvdiffusion.toy_sd): tokenizer, both training stages,
+the written diffusers folder, and MVDiffusion on top of it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from genvs.data.toy import RoomConfig, generate_toy_rooms, random_room, ring_poses, room_prompts  # noqa: E402
+from genvs.core.cameras import intrinsics_from_fov  # noqa: E402
+from genvs.methods.mvdiffusion.sd import PromptEncoder, _write_tiny_tokenizer, load_stable_diffusion  # noqa: E402
+from genvs.methods.mvdiffusion.toy_sd import TOY_SD_FILE, ToySDConfig, pretrain_toy_sd  # noqa: E402
+
+ROOMS = RoomConfig(resolution=32, num_rooms={"train": 2, "val": 1, "test": 1}, supersample=1)
+
+
+@pytest.fixture(scope="module")
+def rooms_root(tmp_path_factory):
+    return generate_toy_rooms(tmp_path_factory.mktemp("rooms") / "rooms", ROOMS, progress=False)
+
+
+def tiny_config(kind: str, **kw) -> ToySDConfig:
+    args = dict(kind=kind, vae_steps=40, vae_batch_size=8, unet_steps=40, unet_batch_size=8, log_every=10,
+                vae_channels=(8, 8, 16, 16), unet_lr=1e-3, precision="32-true")  # fmt: skip
+    return ToySDConfig(**(args | kw))
+
+
+def test_word_tokenizer_gives_one_token_per_word(tmp_path):
+    """The rooms' prompts (up to ~130 characters) fit CLIP's 77 tokens: every word is one token."""
+    import transformers
+
+    g = torch.Generator().manual_seed(3)
+    prompts = []
+    for _ in range(6):
+        room = random_room(g, 3, 4)
+        poses = ring_poses(8, -45.0, position=tuple(float(x) for x in room.camera))
+        prompts += room_prompts(room, intrinsics_from_fov(90.0, 32), poses)
+    words = sorted({w for p in prompts for w in re.findall(r"[a-z]+", p)})
+    _write_tiny_tokenizer(tmp_path, words)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    for p in prompts:
+        pieces = re.findall(r"[a-z]+|,", p)
+        ids = tok(p).input_ids
+        assert len(ids) == len(pieces) + 2  # start, one per word or comma, end
+        assert tok.convert_ids_to_tokens(ids[1:-1]) == [w + "</w>" for w in pieces]
+    assert max(len(p) for p in prompts) > 77  # a character-level tokenizer would cut them
+    # a word the vocabulary lacks still tokenizes, in pieces
+    pieces = tok.convert_ids_to_tokens(tok("zebra").input_ids[1:-1])
+    assert len(pieces) > 1 and "".join(pieces) == "zebra</w>"
+
+
+@pytest.mark.parametrize("kind", ["base", "inpainting", "depth"])
+def test_pretraining_writes_a_loadable_sd_that_learned(kind, rooms_root, tmp_path):
+    out = pretrain_toy_sd(tmp_path / "sd", rooms_root, ROOMS, tiny_config(kind), device="cpu", progress=False)
+    meta = json.loads((out / TOY_SD_FILE).read_text())
+    assert not (tmp_path / "sd.genvs-tmp").exists()
+    ae, dn = meta["autoencoder"], meta["denoiser"]
+    assert meta["train_views"] == 16 and len(ae["train_loss"]) == 4 and len(dn["train_loss"]) == 4
+    assert ae["train_loss"][-1] < 0.7 * ae["train_loss"][0], ae["train_loss"]
+    assert dn["train_loss"][-1] < 0.8 * dn["train_loss"][0], dn["train_loss"]
+
+    sd = load_stable_diffusion(out, text_encoder=True, expect_in_channels={"base": 4, "inpainting": 9, "depth": 5}[kind])
+    assert sd.kind == kind
+    # the scaling factor gives the training latents (posterior samples, as LDM) unit variance
+    images = torch.cat([_room_images(rooms_root, i) for i in range(2)])
+    with torch.no_grad():
+        z = sd.vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0)) * sd.vae.config.scaling_factor
+    assert 0.9 < float(z.std()) < 1.1
+    assert ae["scaling_factor"] == pytest.approx(sd.vae.config.scaling_factor, rel=1e-4)
+    # the saved text encoder is the trained one: prompts differ in embedding, and "" is the CFG prompt
+    emb = sd.text_encoder(["a room with a red wall", "a room with a blue wall", ""])
+    assert emb.shape == (3, 77, 32) and not torch.allclose(emb[0], emb[1])
+
+
+def _room_images(root, i: int) -> torch.Tensor:
+    from genvs.data.panorama import RingScenes
+
+    rings = RingScenes(root, "train")
+    return rings.load(i, list(range(8)), load_depth=False)["images"]
+
+
+def test_mvdiffusion_trains_on_the_toy_sd(rooms_root, tmp_path):
+    """The written folder is a drop-in ``sd_path``: MVDiffusion builds on it and a training step runs."""
+    from genvs.cli import main
+
+    sd = pretrain_toy_sd(tmp_path / "sd", rooms_root, ROOMS, tiny_config("base", vae_steps=2, unet_steps=2),
+                         device="cpu", progress=False)  # fmt: skip
+    rc = main([
+        "fit", "--config", "configs/mvdiffusion_toy.yaml", "--config", "configs/mvdiffusion_toy_sd.yaml",
+        "--model.init_args.sd_path", str(sd), "--data.init_args.root", str(rooms_root),
+        "--data.init_args.rooms", json.dumps({"resolution": 32, "num_rooms": ROOMS.num_rooms, "supersample": 1}),
+        "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0",
+        "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert rc == 0
+
+
+def test_bad_settings_name_the_argument(rooms_root, tmp_path):
+    with pytest.raises(ValueError, match="kind="):
+        ToySDConfig(kind="panorama")
+    with pytest.raises(ValueError, match="vae_channels"):
+        ToySDConfig(vae_channels=(8, 16))
+    odd = RoomConfig(resolution=36, num_rooms={"train": 1, "val": 1, "test": 0}, supersample=1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pretrain_toy_sd(tmp_path / "sd", tmp_path / "rooms36", odd, tiny_config("base"), device="cpu", progress=False)
