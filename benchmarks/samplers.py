@@ -221,7 +221,7 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str, precision:
     from genvs.eval.metrics import NVSMetrics, psnr_per_image
 
     scorer = NVSMetrics(metrics=metrics).to(device)
-    seconds, views, psnrs = 0.0, 0, []
+    seconds, views, psnrs, overlaps = 0.0, 0, [], []
     for i, batch in enumerate(loader):
         batch = batch.to(device)
         if device == "cuda":
@@ -235,11 +235,24 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str, precision:
         views += pred.B * pred.V
         scorer.update(pred.images.float(), batch.targets.images.float())
         psnrs.append(psnr_per_image((pred.images + 1) / 2, (batch.targets.images + 1) / 2).flatten().cpu())
+        overlaps += _ring_overlaps(pred)
     scores = scorer.compute()
+    if overlaps:  # panorama rings: how well neighbouring generated views agree where they overlap
+        scores["overlap_psnr"] = float(torch.tensor(overlaps).nanmean())
     psnr = torch.cat(psnrs).double()
     se = float(psnr.std() / math.sqrt(len(psnr))) if len(psnr) > 1 else None
     return {**scores, "psnr_se": se, "seconds_per_view": seconds / max(views, 1), "num_views": views,
             "generation_s": seconds, "notes": list(scorer.notes)}
+
+
+def _ring_overlaps(pred) -> list[float]:
+    """Per-scene `ring_overlap_psnr` of generated views that share a camera centre (none otherwise)."""
+    from genvs.eval.consistency import ring_overlap_psnr
+
+    centres = pred.c2w[..., :3, 3].float()
+    if pred.V < 2 or (centres - centres[:, :1]).norm(dim=-1).max() > 1e-3:
+        return []
+    return [float(ring_overlap_psnr(pred.images[b], pred.K[b], pred.c2w[b]).nanmean()) for b in range(pred.B)]
 
 
 def _n(n: int, word: str) -> str:
@@ -247,8 +260,9 @@ def _n(n: int, word: str) -> str:
 
 
 def markdown(data: dict) -> str:
-    cols = ["psnr", "ssim"] + [m for m in OPTIONAL_METRICS if any(m in r for r in data["rows"])]
-    head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
+    cols = ["psnr", "ssim"] + [m for m in (*OPTIONAL_METRICS, "overlap_psnr") if any(m in r for r in data["rows"])]
+    head = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓",
+            "overlap_psnr": "overlap PSNR ↑"}
     lines = [
         f"**{data['method']} on {data['dataset']}** ({_n(data['num_views'], 'view')} of {_n(data['num_scenes'], 'scene')}, "
         f"checkpoint `{data['checkpoint']}`, {data['device']}{', ' + data['precision'] if isinstance(data.get('precision'), str) else ''}, {data['date']}; PSNR ± its standard error over views)"
@@ -274,7 +288,7 @@ def markdown(data: dict) -> str:
             if c not in r:
                 out.append("n/a")
                 continue
-            text = f"{r[c]:.{2 if c == 'psnr' else 3 if c != 'kid' else 4}f}"
+            text = f"{r[c]:.{2 if c in ('psnr', 'overlap_psnr') else 3 if c != 'kid' else 4}f}"
             if c == "psnr" and isinstance(r.get("psnr_se"), float) and math.isfinite(r["psnr_se"]):
                 text += f" ± {r['psnr_se']:.2f}"
             out.append(text)
@@ -290,6 +304,9 @@ def markdown(data: dict) -> str:
                      + " | ".join(cells(r)) + f" | {r['seconds_per_view']:.2f} | {speed} |")
     if data.get("baseline"):  # what no sampler should fall below
         lines.append("| copy the input view (baseline) | – | 0 | – | " + "– | " * by_precision + " | ".join(cells(data["baseline"])) + " | – | – |")
+    if "real_overlap_psnr" in data:  # the test rings themselves: the overlap PSNR of perfectly consistent views
+        real = ["–"] * (len(cols) - 1) + [f"{data['real_overlap_psnr']:.2f}"]
+        lines.append("| the real views (reference) | – | – | – | " + "– | " * by_precision + " | ".join(real) + " | – | – |")
     return "\n".join(lines)
 
 
@@ -375,15 +392,20 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['seconds_per_view']:.2f} s/view", flush=True)
     from genvs.methods.baselines import CopyInput
 
-    baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device, precisions[0])  # the same views, copied
-    print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
+    baseline = None
+    if next(iter(loader)).num_context > 0:  # (text-conditioned panoramas have no view to copy)
+        baseline = evaluate(CopyInput().to(device).eval(), loader, None, metrics, device, precisions[0])  # the same views, copied
+        print("copy_input baseline: " + ", ".join(f"{k} {baseline[k]:.4g}" for k in metrics if k in baseline), flush=True)
+    real_overlaps = [o for batch in loader for o in _ring_overlaps(batch.targets)]  # what real rings score
     dataset = getattr(dm, "name", None) or type(dm).__name__.replace("DataModule", "").lower()
     data = {
         "method": cls.__name__, "dataset": dataset, "config": " + ".join(args.config), "checkpoint": _portable(args.ckpt),
         "num_scenes": args.num_scenes, "num_targets": args.num_targets, "num_views": rows[0]["num_views"] if rows else 0,
         "metrics": metrics, "missing_metrics": missing, "device": device, "precision": precisions[0] if len(precisions) == 1 else precisions, "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": {"method": "copy_input", **baseline},
+        "date": time.strftime("%Y-%m-%d"), "rows": rows, "baseline": baseline and {"method": "copy_input", **baseline},
     }
+    if real_overlaps:
+        data["real_overlap_psnr"] = float(torch.tensor(real_overlaps).nanmean())
     data["machine"] = _bench_run().machine()
     out = Path(args.out) if args.out else RESULTS / f"samplers_{cls.__name__.lower()}_{dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

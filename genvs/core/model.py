@@ -671,7 +671,7 @@ class BaseNVSModel(L.LightningModule):
         return context, pred
 
     def on_validation_epoch_start(self) -> None:
-        self._evaluator = Evaluator(self.evaluation.metrics, device=self.device)
+        self._evaluator = Evaluator(self.evaluation.metrics, device=self.device, ring_overlap=self.evaluation.ring_overlap)
 
     def validation_step(self, batch: Views, batch_idx: int) -> None:
         context, pred = self._evaluate(self._evaluator, batch, batch_idx)
@@ -696,7 +696,10 @@ class BaseNVSModel(L.LightningModule):
                 world=self.trainer.world_size,
             )
             cache = Path(self._results_dir()) / "cache" / key
-        self._evaluator = Evaluator(self.evaluation.metrics, self.evaluation.consistency, cache_dir=cache, device=self.device)
+        self._evaluator = Evaluator(
+            self.evaluation.metrics, self.evaluation.consistency, cache_dir=cache, device=self.device,
+            ring_overlap=self.evaluation.ring_overlap,
+        )  # fmt: skip
 
     def test_step(self, batch: Views, batch_idx: int) -> None:
         self._evaluate(self._evaluator, batch, batch_idx)

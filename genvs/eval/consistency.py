@@ -43,7 +43,14 @@ from torch import Tensor
 from genvs.core.cameras import camera_rays
 from genvs.eval.metrics import psnr_per_image, ssim
 
-__all__ = ["ConsistencyConfig", "ConsistencyResult", "VoxelField", "consistency_score", "held_out_indices"]
+__all__ = [
+    "ConsistencyConfig",
+    "ConsistencyResult",
+    "VoxelField",
+    "consistency_score",
+    "held_out_indices",
+    "ring_overlap_psnr",
+]
 
 
 @dataclass
@@ -352,3 +359,34 @@ def _fit(
         config=dataclasses.asdict(cfg),
         renders=(pred[hi] * 2 - 1).cpu() if return_renders else None,
     )
+
+
+# ------------------------------------------------------------------------------ panorama rings
+def ring_overlap_psnr(images: Tensor, K: Tensor, c2w: Tensor, margin: float = 1.0, center_tol: float = 1e-3) -> Tensor:
+    """Consistency of views that share a camera centre (a panorama ring): PSNR between each view and its
+    next ring neighbour warped into it by the rotation homography, over the pixels both see.
+
+    Views of one panorama must agree exactly where they overlap (the cameras only rotate), so no field has
+    to be fitted: MVDiffusion's multi-view consistency in one number, low for views generated independently.
+    ``images [V, 3, H, W]`` in [-1, 1], ``K [V, 3, 3]`` pixels, ``c2w [V, 4, 4]``; pairs ``(v, v + 1 mod V)``.
+    Pixels within ``margin`` of the neighbour's border are left out (bilinear reads there use padding).
+    Returns ``[V]``: PSNR (dB, images in [0, 1]) of each pair; ``nan`` for pairs that do not overlap.
+    """
+    from genvs.core.geometry import apply_homography, pixels_to_grid, rotation_homography
+
+    V, _, H, W = images.shape
+    centres = c2w[:, :3, 3].float()
+    if (centres - centres[:1]).norm(dim=-1).max() > center_tol * max(1.0, float(centres.norm(dim=-1).max())):
+        raise ValueError("ring_overlap_psnr needs views that share a camera centre (a panorama ring)")
+    nxt = torch.arange(1, V + 1, device=images.device) % V
+    Hm = rotation_homography(K.float(), c2w.float(), K[nxt].float(), c2w[nxt].float())  # view v -> view v+1
+    ys, xs = torch.meshgrid(torch.arange(H, device=images.device) + 0.5, torch.arange(W, device=images.device) + 0.5, indexing="ij")  # fmt: skip
+    uv = torch.stack([xs, ys], -1).reshape(1, H * W, 2).expand(V, H * W, 2)
+    dst, w = apply_homography(Hm, uv)
+    inside = (w > 0) & (dst[..., 0] >= margin) & (dst[..., 0] <= W - margin) & (dst[..., 1] >= margin) & (dst[..., 1] <= H - margin)  # fmt: skip
+    grid = pixels_to_grid(dst, H, W).reshape(V, H, W, 2)
+    warped = F.grid_sample(images[nxt].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mask = inside.reshape(V, 1, H, W).float()
+    err = ((warped - images.float()) / 2) ** 2 * mask  # [0, 1] scale
+    mse = err.sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3)))
+    return torch.where(mask.sum(dim=(1, 2, 3)) > 0, -10 * torch.log10(mse.clamp_min(1e-10)), torch.full_like(mse, float("nan")))

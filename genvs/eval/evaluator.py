@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from genvs.core.views import Views
-from genvs.eval.consistency import ConsistencyConfig, consistency_score
+from genvs.eval.consistency import ConsistencyConfig, consistency_score, ring_overlap_psnr
 from genvs.eval.metrics import MetricsConfig, NVSMetrics
 
 __all__ = ["EvalConfig", "Evaluator", "run_key"]
@@ -37,12 +37,15 @@ class EvalConfig:
         metrics: image metrics. PSNR and SSIM need no weights; LPIPS, FID and KID read local weights
             (see `genvs.eval.metrics`) and are switched on by listing them.
         consistency: also compute 3DiM's 3D-consistency score in ``genvs test`` (``None``: skip).
+        ring_overlap: also score panorama rings (views sharing a camera centre) by `ring_overlap_psnr`:
+            how well neighbouring generated views agree where they overlap (``overlap_psnr``).
         cache: save each scene's generated test views, so an interrupted ``genvs test`` resumes.
         results_dir: where ``genvs test`` writes its tables (default ``<trainer.default_root_dir>/results``).
     """
 
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(metrics=["psnr", "ssim"]))
     consistency: ConsistencyConfig | None = None
+    ring_overlap: bool = False
     cache: bool = True
     results_dir: str | None = None
 
@@ -80,11 +83,13 @@ class Evaluator:
         consistency: ConsistencyConfig | None = None,
         cache_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
+        ring_overlap: bool = False,
     ):
         self.metrics = NVSMetrics(metrics).to(device)
         self.consistency = consistency
         self.consistency_psnr = MeanMetric().to(device) if consistency else None
         self.consistency_ssim = MeanMetric().to(device) if consistency else None
+        self.overlap_psnr = MeanMetric(nan_strategy="ignore").to(device) if ring_overlap else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +128,9 @@ class Evaluator:
     # ---------------------------------------------------------------------------- metrics
     def update(self, pred: Views, target: Views) -> None:
         self.metrics.update(pred.images.float(), target.images.float())
+        if self.overlap_psnr is not None:
+            for b in range(pred.B):
+                self.overlap_psnr.update(ring_overlap_psnr(pred.images[b], pred.K[b], pred.c2w[b]).nanmean())
         if self.consistency is None:
             return
         # the field is fitted by gradient descent, also inside Lightning's inference-mode test loop
@@ -141,6 +149,8 @@ class Evaluator:
         if self.consistency is not None:
             out["consistency_psnr"] = float(self.consistency_psnr.compute())
             out["consistency_ssim"] = float(self.consistency_ssim.compute())
+        if self.overlap_psnr is not None:
+            out["overlap_psnr"] = float(self.overlap_psnr.compute())
         return out
 
     @property

@@ -49,6 +49,7 @@ from genvs.data.panorama import RingScenes
 from genvs.data.toy import RoomConfig, ensure_toy_rooms
 from genvs.methods.mvdiffusion.network import depth_channel, sd_schedule
 from genvs.methods.mvdiffusion.sd import (
+    _require_transformers,
     _write_tiny_tokenizer,
     sd_ddim_scheduler,
     tiny_text_encoder,
@@ -230,6 +231,7 @@ def pretrain_toy_sd(
     the module docstring). Renders the rooms into ``rooms_root`` first if needed. Returns ``out``."""
     from genvs.cli import cpu_has_fast_bf16
 
+    transformers = _require_transformers()  # the tiny CLIP text encoder and its tokenizer
     cfg = config or ToySDConfig()
     rooms = rooms or RoomConfig()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -275,9 +277,7 @@ def pretrain_toy_sd(
     if tmp.exists():
         shutil.rmtree(tmp)
     vocab_size = _write_tiny_tokenizer(tmp / "tokenizer", words)
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
 
     def tokens(prompts: Sequence[str]) -> Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
