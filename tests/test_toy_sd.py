@@ -84,20 +84,50 @@ def _room_images(root, i: int) -> torch.Tensor:
     return rings.load(i, list(range(8)), load_depth=False)["images"]
 
 
-def test_mvdiffusion_trains_on_the_toy_sd(rooms_root, tmp_path):
-    """The written folder is a drop-in ``sd_path``: MVDiffusion builds on it and a training step runs."""
+def test_mvdiffusion_trains_and_benchmarks_on_the_toy_sd(rooms_root, tmp_path):
+    """The written folder is a drop-in ``sd_path``: MVDiffusion trains on it, and samplers.py scores its rings
+    with the overlap PSNR (no copy baseline: a text-conditioned ring has no input view)."""
+    import importlib.util
+    from pathlib import Path
+
     from genvs.cli import main
+    from genvs.data.panorama import RingScenes
+    from genvs.eval.consistency import ring_overlap_psnr
 
     sd = pretrain_toy_sd(tmp_path / "sd", rooms_root, ROOMS, tiny_config("base", vae_steps=2, unet_steps=2),
                          device="cpu", progress=False)  # fmt: skip
-    rc = main([
-        "fit", "--config", "configs/mvdiffusion_toy.yaml", "--config", "configs/mvdiffusion_toy_sd.yaml",
-        "--model.init_args.sd_path", str(sd), "--data.init_args.root", str(rooms_root),
+    data_args = [
+        "--data.init_args.root", str(rooms_root), "--data.init_args.image_size", "32",
         "--data.init_args.rooms", json.dumps({"resolution": 32, "num_rooms": ROOMS.num_rooms, "supersample": 1}),
-        "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0",
-        "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    configs = ["configs/mvdiffusion_toy.yaml", "configs/mvdiffusion_toy_sd.yaml"]
+    rc = main([
+        "fit", "--config", configs[0], "--config", configs[1], "--model.init_args.sd_path", str(sd), *data_args,
+        "--data.init_args.num_workers", "0", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
     ])  # fmt: skip
     assert rc == 0
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(json.dumps({"model": {"init_args": {"sd_path": str(sd)}}, "data": {"init_args": {
+        "root": str(rooms_root), "image_size": 32,
+        "rooms": {"resolution": 32, "num_rooms": ROOMS.num_rooms, "supersample": 1}}}}))  # fmt: skip
+    spec = importlib.util.spec_from_file_location("genvs_bench_samplers_toy_sd", Path("benchmarks/samplers.py"))
+    samplers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samplers)
+    out = tmp_path / "samplers.json"
+    data = samplers.main([
+        *(a for c in (*configs, str(overlay)) for a in ("--config", c)), "--ckpt", str(ckpt), "--num-scenes", "1", "--steps", "2",
+        "--paper-steps", "2", "--samplers", "paper", "ddim", "--precision", "32-true", "--out", str(out), "--no-readme",
+    ])  # fmt: skip
+    assert data["baseline"] is None and data["method"] == "MVDiffusion" and data["num_views"] == 8
+    assert all(0 < r["overlap_psnr"] < 100 for r in data["rows"])
+    ring = RingScenes(rooms_root, "test").load(0, list(range(8)), load_depth=False)
+    real = float(ring_overlap_psnr(ring["images"], ring["K"], ring["c2w"]).nanmean())
+    assert data["real_overlap_psnr"] == pytest.approx(real, abs=1e-3)
+    md = out.with_suffix(".md").read_text()
+    assert "overlap PSNR ↑" in md and f"| the real views (reference) | – | – | – | – | – | {real:.2f} |" in md
+    assert "copy the input view" not in md
 
 
 def test_bad_settings_name_the_argument(rooms_root, tmp_path):

@@ -83,13 +83,13 @@ class ToySDConfig:
     """
 
     kind: Kind = "base"
-    vae_steps: int = 2000
+    vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    unet_steps: int = 4000
-    unet_batch_size: int = 64
+    unet_steps: int = 3000
+    unet_batch_size: int = 32
     unet_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (32, 64, 64)
     cross_attention_dim: int = 32
