@@ -331,10 +331,13 @@ def _toy_sd_command(argv: list[str]) -> int:
     parser.add_class_arguments(RoomConfig, "rooms")
     parser.add_class_arguments(ToySDConfig, "sd")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    parser.add_argument(
+        "--init_from", default=None, help="a toy-SD folder to continue: keeps its autoencoder, trains its denoiser on"
+    )
     # the rooms of configs/mvdiffusion_toy.yaml, so that both use the same rendering (other settings re-render)
     parser.set_defaults({"rooms.num_rooms": {"train": 100, "val": 2, "test": 4}})
     cfg = parser.instantiate(parser.parse_args(argv))
-    pretrain_toy_sd(cfg.out, cfg.rooms_root, cfg.rooms, cfg.sd, cfg.device)
+    pretrain_toy_sd(cfg.out, cfg.rooms_root, cfg.rooms, cfg.sd, cfg.device, init_from=cfg.init_from)
     return 0
 
 

@@ -77,6 +77,29 @@ def test_pretraining_writes_a_loadable_sd_that_learned(kind, rooms_root, tmp_pat
     assert emb.shape == (3, 77, 32) and not torch.allclose(emb[0], emb[1])
 
 
+def test_pretraining_continues_from_a_folder(rooms_root, tmp_path):
+    """``init_from`` keeps the autoencoder and tokenizer and trains the denoiser on from its weights."""
+    from safetensors.torch import load_file
+
+    first = pretrain_toy_sd(tmp_path / "sd", rooms_root, ROOMS, tiny_config("base"), device="cpu", progress=False)
+    before = {k: load_file(str(first / k / "diffusion_pytorch_model.safetensors")) for k in ("vae", "unet")}
+    vocab = (first / "tokenizer" / "vocab.json").read_text()
+    again = pretrain_toy_sd(first, rooms_root, ROOMS, tiny_config("base", unet_steps=10), device="cpu",
+                            progress=False, init_from=first)  # fmt: skip
+    after = {k: load_file(str(again / k / "diffusion_pytorch_model.safetensors")) for k in ("vae", "unet")}
+    assert all(torch.equal(before["vae"][k], after["vae"][k]) for k in before["vae"])
+    assert not all(torch.equal(before["unet"][k], after["unet"][k]) for k in before["unet"])
+    assert (again / "tokenizer" / "vocab.json").read_text() == vocab
+    meta = json.loads((again / TOY_SD_FILE).read_text())
+    assert meta["autoencoder"]["from"] == str(first) and meta["denoiser"]["steps"] == 10
+    assert meta["denoiser"]["continues"]["steps"] == 40
+    # the continued denoiser starts where the first one ended, not from scratch
+    assert meta["denoiser"]["train_loss"][0] < meta["denoiser"]["continues"]["train_loss"][0]
+    with pytest.raises(ValueError, match="sd.kind"):
+        pretrain_toy_sd(tmp_path / "x", rooms_root, ROOMS, tiny_config("depth"), device="cpu", progress=False,
+                        init_from=first)  # fmt: skip
+
+
 def _room_images(root, i: int) -> torch.Tensor:
     from genvs.data.panorama import RingScenes
 

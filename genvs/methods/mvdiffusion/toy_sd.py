@@ -219,6 +219,34 @@ def _extra_channels(
     return torch.cat([F.interpolate(mask, size=latent_hw, mode="nearest-exact").to(masked.dtype), masked], 1)
 
 
+def _train_autoencoder(cfg: ToySDConfig, train: _Views, val: _Views, dev, bf16: bool, g, progress: bool):
+    """Stage 1: the autoencoder, then LDM's latent rescaling. Returns (frozen vae, log)."""
+    memory = torch.channels_last if bf16 else torch.contiguous_format
+    vae = tiny_vae(cfg.vae_channels, sample_size=train.images.shape[-2]).to(dev, memory_format=memory)
+    x_all = train.images.to(dev)
+    stage = _Stage("autoencoder", vae.parameters(), cfg.vae_lr, cfg.vae_steps, dev, bf16, cfg.log_every)
+    for i in range(cfg.vae_steps):
+        idx = torch.randint(0, len(x_all), (cfg.vae_batch_size,), generator=g, device=dev)
+        flip = torch.rand(cfg.vae_batch_size, generator=g, device=dev) < 0.5
+        x = _flip(x_all[idx], flip).contiguous(memory_format=memory)
+        with stage.autocast():
+            loss, _ = _vae_loss(vae, x, cfg.kl_weight, g)
+        stage.step(i, loss, progress)
+    vae.eval().requires_grad_(False)
+    log = {"steps": cfg.vae_steps, "seconds": stage.seconds, "train_loss": stage.losses}
+    with torch.no_grad(), stage.autocast():
+        # LDM's rescaling: unit-variance latents (SD's 0.18215 is 1 / std of its training latents)
+        lat = torch.cat([vae.encode(x_all[i : i + 64]).latent_dist.sample(g).float() for i in range(0, len(x_all), 64)])
+        scale = float(1.0 / lat.std())
+        vae.register_to_config(scaling_factor=scale)
+        xv = val.images.to(dev)
+        rec = torch.cat([vae.decode(vae.encode(xv[i : i + 64]).latent_dist.mode()).sample.float() for i in range(0, len(xv), 64)])  # fmt: skip
+    log.update(scaling_factor=round(scale, 5), val_psnr=round(_psnr(rec, xv), 3))
+    if progress:
+        print(f"genvs toy-sd: autoencoder held-out PSNR {log['val_psnr']:.2f} dB, scaling factor {scale:.4f}")
+    return vae, log
+
+
 def pretrain_toy_sd(
     out: str | Path,
     rooms_root: str | Path = "data/toy_rooms",
@@ -226,14 +254,29 @@ def pretrain_toy_sd(
     config: ToySDConfig | None = None,
     device: str = "auto",
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train a tiny Stable Diffusion on the procedural rooms' training views and write it to ``out`` (see
-    the module docstring). Renders the rooms into ``rooms_root`` first if needed. Returns ``out``."""
+    the module docstring). Renders the rooms into ``rooms_root`` first if needed. Returns ``out``.
+
+    ``init_from``: a folder this function wrote (may be ``out`` itself). Its autoencoder and tokenizer are
+    kept as they are, and the denoiser stage continues from its UNet and text encoder for
+    ``config.unet_steps`` more steps (``config.vae_steps`` is ignored).
+    """
     from genvs.cli import cpu_has_fast_bf16
+    from genvs.methods.mvdiffusion.sd import check_sd_folder
 
     transformers = _require_transformers()  # the tiny CLIP text encoder and its tokenizer
     cfg = config or ToySDConfig()
     rooms = rooms or RoomConfig()
+    previous = None
+    if init_from is not None:
+        start = check_sd_folder(init_from, ("vae", "unet", "text_encoder", "tokenizer"))
+        if not (start / TOY_SD_FILE).is_file():
+            raise ValueError(f"init_from={str(init_from)!r} holds no {TOY_SD_FILE}: it was not written by genvs toy-sd")
+        previous = json.loads((start / TOY_SD_FILE).read_text())
+        if previous["config"]["kind"] != cfg.kind:
+            raise ValueError(f"init_from={str(init_from)!r} is a {previous['config']['kind']!r} SD; set sd.kind to match")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     bf16 = cfg.precision == "bf16-mixed" or (cfg.precision == "auto" and (dev.type == "cuda" or cpu_has_fast_bf16()))
     root = ensure_toy_rooms(rooms_root, rooms)
@@ -246,47 +289,42 @@ def pretrain_toy_sd(
     torch.manual_seed(cfg.seed)
     g = torch.Generator(dev).manual_seed(cfg.seed)
     memory = torch.channels_last if bf16 else torch.contiguous_format
-
-    # ---- stage 1: the autoencoder
-    vae = tiny_vae(cfg.vae_channels, sample_size=H).to(dev, memory_format=memory)
-    x_all = train.images.to(dev)
-    stage = _Stage("autoencoder", vae.parameters(), cfg.vae_lr, cfg.vae_steps, dev, bf16, cfg.log_every)
-    for i in range(cfg.vae_steps):
-        idx = torch.randint(0, len(x_all), (cfg.vae_batch_size,), generator=g, device=dev)
-        flip = torch.rand(cfg.vae_batch_size, generator=g, device=dev) < 0.5
-        x = _flip(x_all[idx], flip).contiguous(memory_format=memory)
-        with stage.autocast():
-            loss, _ = _vae_loss(vae, x, cfg.kl_weight, g)
-        stage.step(i, loss, progress)
-    vae.eval().requires_grad_(False)
-    vae_log = {"steps": cfg.vae_steps, "seconds": stage.seconds, "train_loss": stage.losses}
-    with torch.no_grad(), stage.autocast():
-        # LDM's rescaling: unit-variance latents (SD's 0.18215 is 1 / std of its training latents)
-        lat = torch.cat([vae.encode(x_all[i : i + 64]).latent_dist.sample(g).float() for i in range(0, len(x_all), 64)])
-        scale = float(1.0 / lat.std())
-        vae.register_to_config(scaling_factor=scale)
-        xv = val.images.to(dev)
-        rec = torch.cat([vae.decode(vae.encode(xv[i : i + 64]).latent_dist.mode()).sample.float() for i in range(0, len(xv), 64)])  # fmt: skip
-    vae_log.update(scaling_factor=round(scale, 5), val_psnr=round(_psnr(rec, xv), 3))
-    if progress:
-        print(f"genvs toy-sd: autoencoder held-out PSNR {vae_log['val_psnr']:.2f} dB, scaling factor {scale:.4f}")
-
-    # ---- stage 2: UNet + text encoder on the frozen autoencoder's latents
-    words = sorted({w for p in train.prompts for w in re.findall(r"[a-z]+", p.lower())})
     tmp = Path(str(out) + ".genvs-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    vocab_size = _write_tiny_tokenizer(tmp / "tokenizer", words)
+
+    if previous is None:
+        vae, vae_log = _train_autoencoder(cfg, train, val, dev, bf16, g, progress)
+        words = sorted({w for p in train.prompts for w in re.findall(r"[a-z]+", p.lower())})
+        vocab_size = _write_tiny_tokenizer(tmp / "tokenizer", words)
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(start / "vae")).to(dev, memory_format=memory).eval().requires_grad_(False)
+        vae_log = {**previous["autoencoder"], "from": str(init_from)}
+        shutil.copytree(start / "tokenizer", tmp / "tokenizer")
+        vocab_size = None
+    scale = float(vae.config.scaling_factor)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
 
     def tokens(prompts: Sequence[str]) -> Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
 
-    unet = tiny_unet(cfg.kind, cfg.cross_attention_dim, cfg.unet_channels).to(dev, memory_format=memory)
-    text = tiny_text_encoder(vocab_size, cfg.cross_attention_dim).to(dev)
+    # ---- stage 2: UNet + text encoder on the frozen autoencoder's latents
+    if previous is None:
+        unet = tiny_unet(cfg.kind, cfg.cross_attention_dim, cfg.unet_channels)
+        text = tiny_text_encoder(vocab_size, cfg.cross_attention_dim)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(start / "unet"))
+        text = transformers.CLIPTextModel.from_pretrained(str(start / "text_encoder"))
+    unet = unet.to(dev, memory_format=memory).train()
+    text = text.to(dev).train()
     nets = torch.nn.ModuleDict({"unet": unet, "text": text})
     ema = EMA(nets, cfg.ema_decay).to(dev)
     schedule, _ = sd_schedule(sd_ddim_scheduler().config)
+    x_all = train.images.to(dev)
     ids_all, ids_empty = tokens(train.prompts), tokens([""])
     depth_all = train.depth.to(dev) if depth else None
     h, w = H // 8, W // 8
@@ -319,10 +357,12 @@ def pretrain_toy_sd(
         ema.update(nets)
     ema.copy_to(nets)
     unet_log = {"steps": cfg.unet_steps, "seconds": stage.seconds, "train_loss": stage.losses}
+    if previous is not None:
+        unet_log["continues"] = previous["denoiser"]
     with torch.no_grad(), stage.autocast():  # held-out loss on fixed draws (EMA weights)
         gv = torch.Generator(dev).manual_seed(1234)
         dv = val.depth.to(dev) if depth else None
-        unet_log["val_loss"] = round(float(unet_loss(xv, tokens(val.prompts), dv, gv)), 5)
+        unet_log["val_loss"] = round(float(unet_loss(val.images.to(dev), tokens(val.prompts), dv, gv)), 5)
     if progress:
         print(f"genvs toy-sd: denoiser held-out loss {unet_log['val_loss']:.4f}")
 
