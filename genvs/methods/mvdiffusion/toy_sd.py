@@ -47,6 +47,7 @@ from torch import Tensor
 from genvs.core.diffusion import EMA, q_sample
 from genvs.data.panorama import RingScenes
 from genvs.data.toy import RoomConfig, ensure_toy_rooms
+from genvs.eval.metrics import psnr_per_image
 from genvs.methods.mvdiffusion.network import depth_channel, sd_schedule
 from genvs.methods.mvdiffusion.sd import (
     _require_transformers,
@@ -178,7 +179,7 @@ class _Stage:
         return round(time.perf_counter() - self.start, 1)
 
 
-def _vae_loss(vae, x: Tensor, kl_weight: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _vae_loss(vae, x: Tensor, kl_weight: float, generator: torch.Generator) -> Tensor:
     """LDM's autoencoder loss without LPIPS / GAN, per pixel: (L1 summed + kl_weight * KL summed) / pixels
     (the LDM code sums both per image; dividing by the pixel count only rescales the learning rate)."""
     post = vae.encode(x).latent_dist
@@ -186,13 +187,7 @@ def _vae_loss(vae, x: Tensor, kl_weight: float, generator: torch.Generator) -> t
     rec = vae.decode(z).sample.float()
     l1 = (rec - x).abs().mean()
     kl = post.kl().float().mean() / x[0].numel()
-    return l1 + kl_weight * kl, rec
-
-
-def _psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over images."""
-    mse = ((a.clamp(-1, 1) - b) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+    return l1 + kl_weight * kl
 
 
 def _extra_channels(
@@ -207,7 +202,7 @@ def _extra_channels(
     B, _, H, W = images.shape
     dev = images.device
     # SD-inpainting's synthetic masks, simplified: a random box covering 25-100% of each side, or everything
-    r = torch.rand(B, 6, generator=generator, device=dev)
+    r = torch.rand(B, 5, generator=generator, device=dev)
     bh, bw = (0.25 + 0.75 * r[:, 0]) * H, (0.25 + 0.75 * r[:, 1]) * W
     y0, x0 = r[:, 2] * (H - bh), r[:, 3] * (W - bw)
     ys = torch.arange(H, device=dev)[None, :, None] + 0.5
@@ -230,7 +225,7 @@ def _train_autoencoder(cfg: ToySDConfig, train: _Views, val: _Views, dev, bf16: 
         flip = torch.rand(cfg.vae_batch_size, generator=g, device=dev) < 0.5
         x = _flip(x_all[idx], flip).contiguous(memory_format=memory)
         with stage.autocast():
-            loss, _ = _vae_loss(vae, x, cfg.kl_weight, g)
+            loss = _vae_loss(vae, x, cfg.kl_weight, g)
         stage.step(i, loss, progress)
     vae.eval().requires_grad_(False)
     log = {"steps": cfg.vae_steps, "seconds": stage.seconds, "train_loss": stage.losses}
@@ -241,7 +236,8 @@ def _train_autoencoder(cfg: ToySDConfig, train: _Views, val: _Views, dev, bf16: 
         vae.register_to_config(scaling_factor=scale)
         xv = val.images.to(dev)
         rec = torch.cat([vae.decode(vae.encode(xv[i : i + 64]).latent_dist.mode()).sample.float() for i in range(0, len(xv), 64)])  # fmt: skip
-    log.update(scaling_factor=round(scale, 5), val_psnr=round(_psnr(rec, xv), 3))
+    psnr = psnr_per_image((rec.clamp(-1, 1) + 1) / 2, (xv + 1) / 2).mean()
+    log.update(scaling_factor=round(scale, 5), val_psnr=round(float(psnr), 3))
     if progress:
         print(f"genvs toy-sd: autoencoder held-out PSNR {log['val_psnr']:.2f} dB, scaling factor {scale:.4f}")
     return vae, log
