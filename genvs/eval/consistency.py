@@ -377,7 +377,10 @@ def ring_overlap_psnr(images: Tensor, K: Tensor, c2w: Tensor, margin: float = 1.
     V, _, H, W = images.shape
     centres = c2w[:, :3, 3].float()
     if (centres - centres[:1]).norm(dim=-1).max() > center_tol * max(1.0, float(centres.norm(dim=-1).max())):
-        raise ValueError("ring_overlap_psnr needs views that share a camera centre (a panorama ring)")
+        raise ValueError(
+            "ring_overlap_psnr needs views that share a camera centre (a panorama ring); for other data leave "
+            "evaluation.ring_overlap off"
+        )
     nxt = torch.arange(1, V + 1, device=images.device) % V
     Hm = rotation_homography(K.float(), c2w.float(), K[nxt].float(), c2w[nxt].float())  # view v -> view v+1
     ys, xs = torch.meshgrid(torch.arange(H, device=images.device) + 0.5, torch.arange(W, device=images.device) + 0.5, indexing="ij")  # fmt: skip
