@@ -247,10 +247,9 @@ def evaluate(model, loader, sampler, metrics: list[str], device: str, precision:
 
 def _ring_overlaps(pred) -> list[float]:
     """Per-scene `ring_overlap_psnr` of generated views that share a camera centre (none otherwise)."""
-    from genvs.eval.consistency import ring_overlap_psnr
+    from genvs.eval.consistency import ring_overlap_psnr, shares_centre
 
-    centres = pred.c2w[..., :3, 3].float()
-    if pred.V < 2 or (centres - centres[:, :1]).norm(dim=-1).max() > 1e-3:
+    if pred.V < 2 or not all(shares_centre(pred.c2w[b]) for b in range(pred.B)):
         return []
     return [float(ring_overlap_psnr(pred.images[b], pred.K[b], pred.c2w[b]).nanmean()) for b in range(pred.B)]
 

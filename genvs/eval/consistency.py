@@ -50,6 +50,7 @@ __all__ = [
     "consistency_score",
     "held_out_indices",
     "ring_overlap_psnr",
+    "shares_centre",
 ]
 
 
@@ -362,6 +363,13 @@ def _fit(
 
 
 # ------------------------------------------------------------------------------ panorama rings
+def shares_centre(c2w: Tensor, tol: float = 1e-3) -> bool:
+    """Whether the cameras ``c2w [V, 4, 4]`` share one centre (to ``tol`` relative to their distance from
+    the origin, at least 1): a panorama ring, which `ring_overlap_psnr` can score."""
+    centres = c2w[:, :3, 3].float()
+    return bool((centres - centres[:1]).norm(dim=-1).max() <= tol * max(1.0, float(centres.norm(dim=-1).max())))
+
+
 def ring_overlap_psnr(images: Tensor, K: Tensor, c2w: Tensor, margin: float = 1.0, center_tol: float = 1e-3) -> Tensor:
     """Consistency of views that share a camera centre (a panorama ring): PSNR between each view and its
     next ring neighbour warped into it by the rotation homography, over the pixels both see.
@@ -375,8 +383,7 @@ def ring_overlap_psnr(images: Tensor, K: Tensor, c2w: Tensor, margin: float = 1.
     from genvs.core.geometry import apply_homography, pixels_to_grid, rotation_homography
 
     V, _, H, W = images.shape
-    centres = c2w[:, :3, 3].float()
-    if (centres - centres[:1]).norm(dim=-1).max() > center_tol * max(1.0, float(centres.norm(dim=-1).max())):
+    if not shares_centre(c2w, center_tol):
         raise ValueError(
             "ring_overlap_psnr needs views that share a camera centre (a panorama ring); for other data leave "
             "evaluation.ring_overlap off"
