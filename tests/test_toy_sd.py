@@ -3,6 +3,7 @@ the written diffusers folder, and MVDiffusion on top of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -100,6 +101,25 @@ def test_pretraining_continues_from_a_folder(rooms_root, tmp_path):
                         init_from=first)  # fmt: skip
 
 
+def test_latents_are_encoded_once_per_image_and_mirror_image(rooms_root):
+    """The denoiser stage draws latents from posteriors encoded before training: index 1 holds the mirrored
+    views, equal to encoding the flipped images directly."""
+    from genvs.methods.mvdiffusion.sd import tiny_vae
+    from genvs.methods.mvdiffusion.toy_sd import _encode_posteriors
+
+    torch.manual_seed(0)
+    vae = tiny_vae((8, 8, 16, 16), sample_size=32).eval()
+    images = _room_images(rooms_root, 0)
+    mean, std = _encode_posteriors(vae, images, torch.contiguous_format, contextlib.nullcontext)
+    assert mean.shape == std.shape == (2, 8, 4, 4, 4)
+    with torch.no_grad():
+        for k, x in enumerate((images, images.flip(-1))):
+            post = vae.encode(x).latent_dist
+            torch.testing.assert_close(mean[k], post.mean, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(std[k], post.std, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(mean[0], mean[1])  # the rooms are not mirror-symmetric
+
+
 def _room_images(root, i: int) -> torch.Tensor:
     from genvs.data.panorama import RingScenes
 
@@ -158,6 +178,8 @@ def test_bad_settings_name_the_argument(rooms_root, tmp_path):
         ToySDConfig(kind="panorama")
     with pytest.raises(ValueError, match="vae_channels"):
         ToySDConfig(vae_channels=(8, 16))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        ToySDConfig(min_snr_gamma=0.0)
     odd = RoomConfig(resolution=36, num_rooms={"train": 1, "val": 1, "test": 0}, supersample=1)
     with pytest.raises(ValueError, match="multiple of 8"):
         pretrain_toy_sd(tmp_path / "sd", tmp_path / "rooms36", odd, tiny_config("base"), device="cpu", progress=False)
