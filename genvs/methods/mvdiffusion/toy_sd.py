@@ -24,7 +24,8 @@ al. 2022), and writes it in the diffusers layout that `load_stable_diffusion` re
 ``inpainting`` (9: + mask + masked-image latents; a quarter of the examples fully masked, the others a random
 box, as SD-inpainting's synthetic masks) and ``depth`` (5: + normalised inverse depth, `depth_channel`).
 
-    genvs toy-sd --out data/toy_sd_base                          # ~20 min on 2 CPU cores
+    genvs toy-sd --out data/toy_sd_base          # measured on one AMX core: autoencoder 19 min, denoiser 30 min
+    genvs toy-sd --out data/toy_sd_base --init_from data/toy_sd_base --sd.unet_steps 10000   # 66 min on 2
     genvs fit --config configs/mvdiffusion_toy.yaml --config configs/mvdiffusion_toy_sd.yaml
 
 The folder is replaced atomically and holds ``toy_sd.json``: the settings, the measured losses and the
