@@ -183,3 +183,25 @@ def test_bad_settings_name_the_argument(rooms_root, tmp_path):
     odd = RoomConfig(resolution=36, num_rooms={"train": 1, "val": 1, "test": 0}, supersample=1)
     with pytest.raises(ValueError, match="multiple of 8"):
         pretrain_toy_sd(tmp_path / "sd", tmp_path / "rooms36", odd, tiny_config("base"), device="cpu", progress=False)
+
+
+def test_samples_figure_shows_real_views_then_one_row_per_guidance_scale(rooms_root, tmp_path):
+    """docs/figures/toy_sd_samples.py: the top row is the real training views of the prompts it samples."""
+    import importlib.util
+    from pathlib import Path
+
+    from torchvision.io import read_image
+
+    sd = pretrain_toy_sd(tmp_path / "sd", rooms_root, ROOMS, tiny_config("base", vae_steps=2, unet_steps=2),
+                         device="cpu", progress=False)  # fmt: skip
+    spec = importlib.util.spec_from_file_location("genvs_fig_toy_sd", Path("docs/figures/toy_sd_samples.py"))
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    out = fig.main(["--sd", str(sd), "--rooms", str(rooms_root), "--num-rooms", "2", "--guidance-scales", "1", "3",
+                    "--steps", "2", "--out", str(tmp_path / "fig.png")])  # fmt: skip
+    grid = read_image(str(out)).float() / 255  # 3 rows of 4 views of 32 px, 1 px padding
+    assert grid.shape == (3, 3 * 33 + 1, 4 * 33 + 1)
+    real = torch.cat([_room_images(rooms_root, i)[[0, 4]] for i in range(2)])
+    top = torch.stack([grid[:, 1:33, 1 + 33 * k : 33 + 33 * k] for k in range(4)])
+    assert (top - (real + 1) / 2).abs().max() < 1 / 255 + 1e-4
+    assert not torch.allclose(grid[:, 34:66], grid[:, 67:99])  # guidance 1 and 3 differ
