@@ -16,9 +16,10 @@ al. 2022), and writes it in the diffusers layout that `load_stable_diffusion` re
    saved. One departure from SD: the loss is weighted by Min-SNR-γ (Hang et al. 2023, γ = 5), which stops
    the easy low-noise steps from dominating; with SD's uniform weighting, a few thousand steps leave the
    high-noise steps, where the sampler places the room's layout, untrained (``min_snr_gamma=None`` restores
-   it). The training latents are encoded once, for each image and its mirror image. SD freezes a pretrained CLIP; there is none here, so the tiny CLIP text encoder trains jointly
-   with the UNet, as LDM's text-to-image model trained its transformer. The tokenizer makes each word of
-   the rooms' prompts one token (a character-level one would cut their ~100 characters at CLIP's 77).
+   it). The training latents are encoded once, for each image and its mirror image. SD freezes a pretrained
+   CLIP; there is none here, so the tiny CLIP text encoder trains jointly with the UNet, as LDM's
+   text-to-image model trained its transformer. The tokenizer makes each word of the rooms' prompts one
+   token (a character-level one would cut their ~100 characters at CLIP's 77).
 
 ``kind`` picks the UNet of each MVDiffusion task: ``base`` (4 input channels, text-conditioned panoramas),
 ``inpainting`` (9: + mask + masked-image latents; a quarter of the examples fully masked, the others a random
@@ -229,7 +230,8 @@ def _encode_posteriors(vae, images: Tensor, memory, autocast) -> tuple[Tensor, T
     means, stds = [], []
     with torch.no_grad(), autocast():
         for x in (images, images.flip(-1)):
-            posts = [vae.encode(x[i : i + 64].contiguous(memory_format=memory)).latent_dist for i in range(0, len(x), 64)]
+            chunks = [x[i : i + 64].contiguous(memory_format=memory) for i in range(0, len(x), 64)]
+            posts = [vae.encode(chunk).latent_dist for chunk in chunks]
             means.append(torch.cat([p.mean.float() for p in posts]))
             stds.append(torch.cat([p.std.float() for p in posts]))
     return torch.stack(means), torch.stack(stds)
