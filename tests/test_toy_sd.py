@@ -101,6 +101,47 @@ def test_pretraining_continues_from_a_folder(rooms_root, tmp_path):
                         init_from=first)  # fmt: skip
 
 
+def test_an_interrupted_run_resumes_to_the_same_weights(rooms_root, tmp_path, monkeypatch):
+    """Rerunning after an interruption in the denoiser stage resumes from its last checkpoint (the autoencoder
+    is not retrained) and ends with the weights of an uninterrupted run; other settings are refused."""
+    from safetensors.torch import load_file
+
+    from genvs.methods.mvdiffusion import toy_sd
+
+    cfg = tiny_config("base", unet_steps=30, checkpoint_every=10)
+    whole = pretrain_toy_sd(tmp_path / "whole", rooms_root, ROOMS, cfg, device="cpu", progress=False)
+
+    step, vae_stages = toy_sd._Stage.step, []
+
+    def interrupted(self, i, loss, progress):
+        if self.name == "denoiser" and i == 25:
+            raise KeyboardInterrupt
+        step(self, i, loss, progress)
+
+    monkeypatch.setattr(toy_sd._Stage, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_toy_sd(tmp_path / "cut", rooms_root, ROOMS, cfg, device="cpu", progress=False)
+    tmp = tmp_path / "cut.genvs-tmp"
+    assert (tmp / "resume.pt").is_file() and (tmp / "denoiser_state.pt").is_file()
+    assert torch.load(tmp / "denoiser_state.pt", weights_only=True)["step"] == 20
+    with pytest.raises(ValueError, match=r"other settings \(sd.unet_lr\).*delete"):
+        pretrain_toy_sd(tmp_path / "cut", rooms_root, ROOMS, tiny_config("base", unet_steps=30, checkpoint_every=10,
+                        unet_lr=2e-3), device="cpu", progress=False)  # fmt: skip
+
+    monkeypatch.setattr(toy_sd._Stage, "step", step)
+    monkeypatch.setattr(toy_sd, "_train_autoencoder", lambda *a: vae_stages.append(a))
+    cut = pretrain_toy_sd(tmp_path / "cut", rooms_root, ROOMS, cfg, device="cpu", progress=False)
+    assert vae_stages == [] and not tmp.exists() and sorted(p.name for p in cut.iterdir()) == sorted(
+        p.name for p in whole.iterdir())
+    for part in ("vae", "unet", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = load_file(str(whole / part / name)), load_file(str(cut / part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    meta_whole, meta_cut = (json.loads((d / TOY_SD_FILE).read_text()) for d in (whole, cut))
+    assert meta_cut["denoiser"]["train_loss"] == meta_whole["denoiser"]["train_loss"]
+    assert meta_cut["denoiser"]["val_loss"] == meta_whole["denoiser"]["val_loss"]
+
+
 def test_latents_are_encoded_once_per_image_and_mirror_image(rooms_root):
     """The denoiser stage draws latents from posteriors encoded before training: index 1 holds the mirrored
     views, equal to encoding the flipped images directly."""

@@ -30,7 +30,9 @@ box, as SD-inpainting's synthetic masks) and ``depth`` (5: + normalised inverse 
     genvs fit --config configs/mvdiffusion_toy.yaml --config configs/mvdiffusion_toy_sd.yaml
 
 The folder is replaced atomically and holds ``toy_sd.json``: the settings, the measured losses and the
-held-out reconstruction PSNR.
+held-out reconstruction PSNR. Until then the run lives in ``<out>.genvs-tmp``, which holds the finished
+autoencoder and, every ``checkpoint_every`` denoiser steps, the denoiser's training state: rerunning the
+same command after an interruption resumes from there, with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -66,6 +69,8 @@ from genvs.methods.mvdiffusion.sd import (
 __all__ = ["ToySDConfig", "pretrain_toy_sd", "TOY_SD_FILE"]
 
 TOY_SD_FILE = "toy_sd.json"
+_RESUME_FILE = "resume.pt"  # in <out>.genvs-tmp: the autoencoder stage is done (settings, its log, RNG state)
+_DENOISER_STATE = "denoiser_state.pt"  # in <out>.genvs-tmp: the denoiser stage's last checkpoint
 Kind = Literal["base", "inpainting", "depth"]
 
 
@@ -88,6 +93,7 @@ class ToySDConfig:
         precision: ``bf16-mixed`` (autocast, channels_last) or ``32-true``; ``auto``: bf16 on a GPU or
             a CPU with bf16 matmul instructions.
         log_every: record the mean training loss every this many steps (in toy_sd.json).
+        checkpoint_every: save the denoiser stage's state every this many steps, for resuming (0: never).
     """
 
     kind: Kind = "base"
@@ -107,6 +113,7 @@ class ToySDConfig:
     seed: int = 0
     precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"
     log_every: int = 100
+    checkpoint_every: int = 500
 
     def __post_init__(self):
         if self.kind not in ("base", "inpainting", "depth"):
@@ -115,8 +122,9 @@ class ToySDConfig:
             raise ValueError(f"vae_channels={self.vae_channels}: give 4 widths (8 pixels per latent pixel, as SD)")
         if len(self.unet_channels) != 3:
             raise ValueError(f"unet_channels={self.unet_channels}: give 3 widths")
-        if min(self.vae_steps, self.unet_steps) < 0 or min(self.vae_batch_size, self.unet_batch_size) < 1:
-            raise ValueError("steps must be >= 0 and batch sizes >= 1")
+        steps = (self.vae_steps, self.unet_steps, self.checkpoint_every)
+        if min(steps) < 0 or min(self.vae_batch_size, self.unet_batch_size) < 1:
+            raise ValueError("steps and checkpoint_every must be >= 0 and batch sizes >= 1")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma}: give a positive γ (5 in Min-SNR), or None")
 
@@ -166,6 +174,19 @@ class _Stage:
         self.losses: list[float] = []
         self._window: list[Tensor] = []
         self.start = time.perf_counter()
+        self._earlier_seconds = 0.0  # of the run this one resumes
+
+    def state_dict(self) -> dict:
+        window = [float(x) for x in self._window]
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "losses": self.losses,
+                "window": window, "seconds": self.seconds}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.losses = list(state["losses"])
+        self._window = [torch.tensor(x) for x in state["window"]]
+        self._earlier_seconds = state["seconds"]
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else nullcontext()
@@ -186,7 +207,7 @@ class _Stage:
 
     @property
     def seconds(self) -> float:
-        return round(time.perf_counter() - self.start, 1)
+        return round(self._earlier_seconds + time.perf_counter() - self.start, 1)
 
 
 def _vae_loss(vae, x: Tensor, kl_weight: float, generator: torch.Generator) -> Tensor:
@@ -235,6 +256,32 @@ def _encode_posteriors(vae, images: Tensor, memory, autocast) -> tuple[Tensor, T
             means.append(torch.cat([p.mean.float() for p in posts]))
             stds.append(torch.cat([p.std.float() for p in posts]))
     return torch.stack(means), torch.stack(stds)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    part = path.with_name(path.name + ".part")
+    torch.save(obj, part)
+    os.replace(part, path)
+
+
+def _resume_point(tmp: Path, settings: dict) -> dict | None:
+    """The state an interrupted run left in ``tmp`` if its autoencoder stage finished, else None (``tmp`` is
+    cleared). A run with other settings is refused rather than overwritten."""
+    marker = tmp / _RESUME_FILE
+    if not marker.is_file():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        return None
+    state = torch.load(marker, map_location="cpu", weights_only=True)
+    saved = json.loads(state["settings"])
+    if saved != settings:
+        keys = [k for k in settings if k != "config" and saved.get(k) != settings[k]]
+        keys += [f"sd.{k}" for k in settings["config"] if saved["config"].get(k) != settings["config"][k]]
+        raise ValueError(
+            f"{str(tmp)!r} holds an unfinished genvs toy-sd run with other settings ({', '.join(keys)}): rerun "
+            f"with its settings to resume it, or delete {str(tmp)!r} to start over"
+        )
+    return state
 
 
 def _train_autoencoder(cfg: ToySDConfig, train: _Views, val: _Views, dev, bf16: bool, g, progress: bool):
@@ -309,20 +356,33 @@ def pretrain_toy_sd(
     g = torch.Generator(dev).manual_seed(cfg.seed)
     memory = torch.channels_last if bf16 else torch.contiguous_format
     tmp = Path(str(out) + ".genvs-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    settings = json.loads(json.dumps({
+        "config": dataclasses.asdict(cfg), "rooms_root": str(rooms_root), "rooms": dataclasses.asdict(rooms),
+        "init_from": None if init_from is None else str(init_from),
+    }))  # fmt: skip
+    resume = _resume_point(tmp, settings)
 
-    if previous is None:
+    if resume is None and previous is None:
         vae, vae_log = _train_autoencoder(cfg, train, val, dev, bf16, g, progress)
         words = sorted({w for p in train.prompts for w in re.findall(r"[a-z]+", p.lower())})
         vocab_size = _write_tiny_tokenizer(tmp / "tokenizer", words)
+        vae.to(memory_format=torch.contiguous_format).save_pretrained(str(tmp / "vae"))
     else:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(start / "vae")).to(dev, memory_format=memory).eval().requires_grad_(False)
-        vae_log = {**previous["autoencoder"], "from": str(init_from)}
-        shutil.copytree(start / "tokenizer", tmp / "tokenizer")
-        vocab_size = None
+        if resume is None:  # continuing a finished folder: its autoencoder and tokenizer as they are
+            shutil.copytree(start / "vae", tmp / "vae")
+            shutil.copytree(start / "tokenizer", tmp / "tokenizer")
+            vae_log, vocab_size = {**previous["autoencoder"], "from": str(init_from)}, None
+        else:
+            vae_log, vocab_size = json.loads(resume["autoencoder"]), resume["vocab_size"]
+            g.set_state(resume["generator"])
+        vae = AutoencoderKL.from_pretrained(str(tmp / "vae")).eval().requires_grad_(False)
+    vae = vae.to(dev, memory_format=memory)
+    if resume is None:
+        marker = {"settings": json.dumps(settings), "autoencoder": json.dumps(vae_log), "vocab_size": vocab_size,
+                  "generator": g.get_state()}  # fmt: skip
+        _save_atomic(marker, tmp / _RESUME_FILE)
     scale = float(vae.config.scaling_factor)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
 
@@ -348,6 +408,16 @@ def pretrain_toy_sd(
     depth_all = train.depth.to(dev) if depth else None
     h, w = H // 8, W // 8
     stage = _Stage("denoiser", nets.parameters(), cfg.unet_lr, cfg.unet_steps, dev, bf16, cfg.log_every)
+    first_step = 0
+    if resume is not None and (tmp / _DENOISER_STATE).is_file():
+        state = torch.load(tmp / _DENOISER_STATE, map_location="cpu", weights_only=True)
+        nets.load_state_dict(state["nets"])
+        ema.load_state_dict(state["ema"])
+        stage.load_state_dict(state["stage"])
+        g.set_state(state["generator"])
+        first_step = state["step"]
+    if resume is not None and progress:
+        print(f"genvs toy-sd: resuming the unfinished run in {tmp} at denoiser step {first_step}")
     post_mean, post_std = _encode_posteriors(vae, x_all, memory, stage.autocast)
 
     def unet_loss(
@@ -370,7 +440,7 @@ def pretrain_toy_sd(
             return diffusion_loss(pred, z0, eps, logsnr, "eps", "min_snr", cfg.min_snr_gamma).mean()
         return diffusion_loss(pred, z0, eps, logsnr, "eps").mean()
 
-    for i in range(cfg.unet_steps):
+    for i in range(first_step, cfg.unet_steps):
         idx = torch.randint(0, len(x_all), (cfg.unet_batch_size,), generator=g, device=dev)
         flip = torch.rand(cfg.unet_batch_size, generator=g, device=dev) < 0.5
         drop = torch.rand(cfg.unet_batch_size, generator=g, device=dev) < cfg.prompt_dropout
@@ -382,6 +452,10 @@ def pretrain_toy_sd(
             loss = unet_loss(x, post_mean[f, idx], post_std[f, idx], ids, d, g)
         stage.step(i, loss, progress)
         ema.update(nets)
+        if cfg.checkpoint_every and (i + 1) % cfg.checkpoint_every == 0 and i + 1 < cfg.unet_steps:
+            state = {"step": i + 1, "nets": nets.state_dict(), "ema": ema.state_dict(), "stage": stage.state_dict(),
+                     "generator": g.get_state()}  # fmt: skip
+            _save_atomic(state, tmp / _DENOISER_STATE)
     ema.copy_to(nets)
     unet_log = {"steps": cfg.unet_steps, "seconds": stage.seconds, "train_loss": stage.losses}
     if previous is not None:
@@ -395,8 +469,7 @@ def pretrain_toy_sd(
     if progress:
         print(f"genvs toy-sd: denoiser held-out loss {unet_log['val_loss']:.4f}")
 
-    # ---- write the diffusers folder, then swap it in
-    vae.float().to(memory_format=torch.contiguous_format).save_pretrained(str(tmp / "vae"))
+    # ---- write the diffusers folder (the autoencoder is there already), then swap it in
     unet.float().to(memory_format=torch.contiguous_format).save_pretrained(str(tmp / "unet"))
     text.float().save_pretrained(str(tmp / "text_encoder"))
     sd_ddim_scheduler().save_pretrained(str(tmp / "scheduler"))
@@ -410,6 +483,8 @@ def pretrain_toy_sd(
         "denoiser": unet_log,
     }
     (tmp / TOY_SD_FILE).write_text(json.dumps(meta, indent=1))
+    for name in (_RESUME_FILE, _DENOISER_STATE):
+        (tmp / name).unlink(missing_ok=True)
     final = Path(out)
     if final.exists():
         shutil.rmtree(final)
