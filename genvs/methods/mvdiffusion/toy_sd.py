@@ -201,7 +201,7 @@ class _Stage:
             self.losses.append(round(float(torch.stack(self._window).mean()), 5))
             self._window.clear()
             if progress:
-                took = time.perf_counter() - self.start
+                took = self.seconds
                 print(f"genvs toy-sd: {self.name} step {i + 1}/{self.steps} loss {self.losses[-1]:.4f} ({took:.0f} s)",
                       flush=True)  # fmt: skip
 
